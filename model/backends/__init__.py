@@ -1,0 +1,27 @@
+"""Backends: everything between preprocessed pixels + prompt ids and the 7 action token ids.
+
+A backend never builds prompts, preprocesses images or decodes actions: the policy does that
+once for all of them. Interface (duck-typed):
+
+    backend.generate(pixel_values, input_ids, num_tokens) -> (tokens: np.int64[num_tokens],
+                                                             timings_ms: {vision, projector, prefill, decode})
+    backend.describe() -> dict   (backend, device, dtype, ... for logs and diagnostics)
+    backend.close()
+"""
+from __future__ import annotations
+
+from ..errors import BackendError
+
+BACKENDS = ("torch", "ttnn")
+
+
+def create_backend(name: str, config, checkpoint, **options):
+    if name == "torch":
+        from .torch_backend import TorchBackend
+
+        return TorchBackend(config, checkpoint, device=options.get("device"), dtype=options.get("dtype"))
+    if name == "ttnn":
+        raise BackendError(
+            "backend 'ttnn' is not available yet: the TT-NN backend (N300/T3K) has not landed in this "
+            "version (issue #4); use backend 'torch'")
+    raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

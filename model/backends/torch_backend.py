@@ -1,0 +1,115 @@
+"""PyTorch reference backend (CPU or CUDA): timm towers, projector, transformers Llama,
+greedy decoding with a KV cache. This is the path every other backend is checked against."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint
+from ..config import OpenVLAConfig
+from ..errors import BackendError, CheckpointError
+from ..modeling import COMPONENT_PREFIXES, OpenVLAModules, checkpoint_to_module_key
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise BackendError(f"unsupported torch device {device!r} (use cpu or cuda)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise BackendError(f"unsupported dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_modules(config: OpenVLAConfig, checkpoint: Checkpoint, device: torch.device,
+                 dtype: torch.dtype) -> OpenVLAModules:
+    """Build the modules without allocating (meta device), validate the checkpoint against
+    them, then assign the checkpoint tensors (converted to dtype, on device)."""
+    with torch.device("meta"):
+        modules = OpenVLAModules(config)
+    checkpoint.validate(modules.expected_checkpoint_shapes())
+    states: dict[str, dict] = {c: {} for c in COMPONENT_PREFIXES}
+    for key, tensor in checkpoint.load(checkpoint.keys(), dtype=dtype, device=device):
+        comp, local = checkpoint_to_module_key(key)
+        states[comp][local] = tensor
+    for comp, sd in states.items():
+        modules.component(comp).load_state_dict(sd, strict=True, assign=True)
+    # Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them.
+    rotary = modules.llm.model.rotary_emb
+    modules.llm.model.rotary_emb = type(rotary)(config=config.llm, device=device)
+    for name, t in list(modules.named_parameters()) + list(modules.named_buffers()):
+        if t.is_meta:
+            raise CheckpointError(f"internal: {name} was not initialised from the checkpoint")
+    modules.eval().requires_grad_(False)
+    return modules
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, config: OpenVLAConfig, checkpoint: Checkpoint, device=None, dtype=None):
+        self.config = config
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.modules = load_modules(config, checkpoint, self.device, self.dtype)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int):
+        from transformers import DynamicCache
+
+        m, llm, t = self.modules, self.modules.llm, {}
+        clock = time.perf_counter
+        t0 = clock()
+        px = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        patches = m.vision(px)
+        self._sync(); t1 = clock()
+        projected = m.projector(patches)
+        self._sync(); t2 = clock()
+
+        ids = torch.as_tensor(np.asarray(input_ids), device=self.device).view(1, -1)
+        emb = llm.get_input_embeddings()(ids)
+        # [BOS, 256 patches, prompt tokens after BOS]; positions 0..L-1 over the whole sequence
+        seq = torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+        length = seq.shape[1]
+        cache = DynamicCache(config=llm.config)
+        out = llm(inputs_embeds=seq, position_ids=torch.arange(length, device=self.device).view(1, -1),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1)
+        tokens = [tok]
+        self._sync(); t3 = clock()
+        for i in range(num_tokens - 1):
+            out = llm(input_ids=tok.view(1, 1), position_ids=torch.tensor([[length + i]], device=self.device),
+                      past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1)
+            tokens.append(tok)
+        result = torch.cat(tokens).cpu().numpy().astype(np.int64)
+        t4 = clock()
+        t.update(vision=(t1 - t0) * 1e3, projector=(t2 - t1) * 1e3, prefill=(t3 - t2) * 1e3, decode=(t4 - t3) * 1e3)
+        return result, t
+
+    def close(self):
+        self.modules = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
