@@ -50,13 +50,20 @@ def load_modules(config: OpenVLAConfig, checkpoint: Checkpoint, device: torch.de
     for comp, sd in states.items():
         modules.component(comp).load_state_dict(sd, strict=True, assign=True)
     # Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them.
-    rotary = modules.llm.model.rotary_emb
-    modules.llm.model.rotary_emb = type(rotary)(config=config.llm, device=device)
+    with torch.device(device):
+        modules.llm.model.rotary_emb = type(modules.llm.model.rotary_emb)(config.llm)
     for name, t in list(modules.named_parameters()) + list(modules.named_buffers()):
         if t.is_meta:
             raise CheckpointError(f"internal: {name} was not initialised from the checkpoint")
     modules.eval().requires_grad_(False)
     return modules
+
+
+def cache_kwarg(llm) -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache`; earlier versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
 class TorchBackend:
@@ -67,6 +74,7 @@ class TorchBackend:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.modules = load_modules(config, checkpoint, self.device, self.dtype)
+        self._cache_kw = cache_kwarg(self.modules.llm)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", "")}
@@ -95,13 +103,13 @@ class TorchBackend:
         length = seq.shape[1]
         cache = DynamicCache(config=llm.config)
         out = llm(inputs_embeds=seq, position_ids=torch.arange(length, device=self.device).view(1, -1),
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+                  use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         tok = out.logits[:, -1].argmax(-1)
         tokens = [tok]
         self._sync(); t3 = clock()
         for i in range(num_tokens - 1):
             out = llm(input_ids=tok.view(1, 1), position_ids=torch.tensor([[length + i]], device=self.device),
-                      past_key_values=cache, use_cache=True)
+                      use_cache=True, **{self._cache_kw: cache})
             tok = out.logits[:, -1].argmax(-1)
             tokens.append(tok)
         result = torch.cat(tokens).cpu().numpy().astype(np.int64)

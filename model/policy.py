@@ -1,0 +1,146 @@
+"""The backend-neutral OpenVLA policy: load once, then predict(rgb, instruction) -> ActionResult.
+
+    from openvla_model import load_policy
+    policy = load_policy("/path/to/openvla-7b", backend="torch", device="cuda")
+    result = policy.predict(rgb_uint8_hxwx3, "pick up the red cup", unnorm_key="bridge_orig")
+    result.action      # 7 un-normalised values [dx, dy, dz, droll, dpitch, dyaw, gripper]
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .action_codec import ActionCodec
+from .backends import create_backend
+from .checkpoint import Checkpoint
+from .config import OpenVLAConfig, load_config
+from .errors import ConfigError, InputError
+from .preprocess import Preprocessor
+from .prompt import PromptTokenizer
+
+log = logging.getLogger("openvla_model")
+
+STAGES = ("preprocess", "vision", "projector", "prefill", "decode", "total")
+
+
+@dataclass
+class ActionResult:
+    action: np.ndarray  # float32[7], un-normalised (robot units of the unnorm_key dataset)
+    normalized: np.ndarray  # float32[7], bin centres in [-1, 1]
+    tokens: np.ndarray  # int64[7], raw greedy token ids
+    out_of_range: np.ndarray  # bool[7], token was not an action token (31744..31999)
+    unnorm_key: str
+    instruction: str
+    timings_ms: dict = field(default_factory=dict)  # keys: STAGES
+
+    @property
+    def valid(self) -> bool:
+        """All 7 tokens are action tokens and every value is finite."""
+        return not self.out_of_range.any() and bool(np.isfinite(self.action).all())
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": [int(t) for t in self.tokens],
+            "normalized": [float(v) for v in self.normalized],
+            "action": [float(v) for v in self.action],
+            "out_of_range": [bool(v) for v in self.out_of_range],
+            "unnorm_key": self.unnorm_key,
+            "instruction": self.instruction,
+            "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+        }
+
+
+class OpenVLAPolicy:
+    def __init__(self, config: OpenVLAConfig, backend, tokenizer: PromptTokenizer, codec: ActionCodec,
+                 preprocessor: Preprocessor, default_unnorm_key: str | None = None, load_time_s: float = 0.0):
+        self.config = config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.preprocessor = preprocessor
+        self.default_unnorm_key = default_unnorm_key
+        self.load_time_s = load_time_s
+        if default_unnorm_key is not None:
+            codec.resolve_key(default_unnorm_key)  # fail at load time, not on the first frame
+
+    @property
+    def weights_path(self) -> Path:
+        return self.config.weights_dir
+
+    def describe(self) -> dict:
+        return {**self.backend.describe(), "weights_path": str(self.weights_path),
+                "load_time_s": round(self.load_time_s, 3), "unnorm_keys": self.codec.keys}
+
+    def prompt_ids(self, instruction: str) -> np.ndarray:
+        ids = self.tokenizer.encode_prompt(instruction)
+        needed = len(ids) + self.config.num_patches + self.config.action_dim
+        if needed > self.config.max_positions:
+            raise InputError(
+                f"instruction too long: {len(ids)} prompt tokens + {self.config.num_patches} image patches + "
+                f"{self.config.action_dim} actions exceed the model's {self.config.max_positions} positions")
+        return ids
+
+    def predict(self, rgb: np.ndarray, instruction: str, unnorm_key: str | None = None) -> ActionResult:
+        clock = time.perf_counter
+        t0 = clock()
+        key = self.codec.resolve_key(unnorm_key if unnorm_key else self.default_unnorm_key)
+        ids = self.prompt_ids(instruction)
+        pixels = self.preprocessor(rgb)
+        t1 = clock()
+        tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim)
+        decoded = self.codec.decode_tokens(tokens)
+        action = self.codec.unnormalize(decoded.normalized, key)
+        t2 = clock()
+        timings = {"preprocess": (t1 - t0) * 1e3, **timings, "total": (t2 - t0) * 1e3}
+        return ActionResult(action=action, normalized=decoded.normalized, tokens=np.asarray(tokens, np.int64),
+                            out_of_range=decoded.out_of_range, unnorm_key=key, instruction=instruction,
+                            timings_ms=timings)
+
+    def close(self):
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def default_weights_path() -> str | None:
+    return os.environ.get("OPENVLA_WEIGHTS") or None
+
+
+def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "torch", *, device: str | None = None,
+                dtype: str | None = None, mesh_device: str | None = None, center_crop: bool = False,
+                default_unnorm_key: str | None = None) -> OpenVLAPolicy:
+    """Load an OpenVLA checkpoint directory (HF layout) onto a backend.
+
+    weights_path defaults to $OPENVLA_WEIGHTS; mesh_device (ttnn) defaults to $MESH_DEVICE.
+    device: torch "cpu" | "cuda" | "auto" (default: cuda when available). dtype: "float32" |
+    "bfloat16" (default: float32 on CPU, bfloat16 on CUDA).
+    """
+    start = time.perf_counter()
+    path = weights_path or default_weights_path()
+    if not path:
+        raise ConfigError("no weights path given and OPENVLA_WEIGHTS is not set")
+    config = load_config(path)
+    if config.raw.get("openvla_ros_tiny_random"):
+        log.warning("%s is a TINY RANDOM test checkpoint: its actions are meaningless", path)
+    tokenizer = PromptTokenizer(config.weights_dir)
+    codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    if default_unnorm_key:
+        codec.resolve_key(default_unnorm_key)
+    checkpoint = Checkpoint(config.weights_dir)
+    be = create_backend(backend, config, checkpoint, device=device, dtype=dtype,
+                        mesh_device=mesh_device or os.environ.get("MESH_DEVICE"))
+    pre_device = getattr(be, "preprocess_device", "cpu")
+    pre = Preprocessor(config, center_crop=center_crop, device=pre_device)
+    return OpenVLAPolicy(config, be, tokenizer, codec, pre, default_unnorm_key=default_unnorm_key,
+                         load_time_s=time.perf_counter() - start)
