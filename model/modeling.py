@@ -103,7 +103,9 @@ class OpenVLAModules(nn.Module):
         return torch.cat([self.featurizer(pixel_values[:, :3]), self.fused_featurizer(pixel_values[:, 3:])], dim=2)
 
     def component(self, name: str) -> nn.Module:
-        return getattr(self, name)
+        """The module whose state_dict keys follow a checkpoint prefix (towers: the timm ViT)."""
+        module = getattr(self, name)
+        return module.vit if isinstance(module, VisionTower) else module
 
     def expected_checkpoint_shapes(self) -> dict[str, tuple]:
         """Every checkpoint key this architecture needs, with its shape."""

@@ -20,8 +20,10 @@ from .errors import InputError
 
 # Max |ours - official| on the normalised (1,6,224,224) tensor, measured on random and
 # natural-looking images of several sizes (test/test_preprocess.py asserts it). One uint8 step
-# is 1/255/0.2236 = 0.0175 after DINOv2 normalisation; we stay at or below one step.
-MAX_ABS_ERROR_VS_PIL = 0.0176
+# is 1/255/0.2236 = 0.0175 after DINOv2 normalisation. Measured: 0 on 224x224 input, one step
+# (0.0175) on natural-looking scenes, two steps (0.0351) on random noise upsampled 100->224
+# (PIL rounds to uint8 between its horizontal and vertical passes); the mean error is < 1e-4.
+MAX_ABS_ERROR_VS_PIL = 0.0352
 
 MAX_IMAGE_PIXELS = 8192 * 8192
 CENTER_CROP_AREA = 0.9  # LIBERO fine-tunes: keep the central 90% of the area, resize back
