@@ -101,7 +101,10 @@ class TorchBackend:
         # [BOS, 256 patches, prompt tokens after BOS]; positions 0..L-1 over the whole sequence
         seq = torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
         length = seq.shape[1]
-        cache = DynamicCache(config=llm.config)
+        try:
+            cache = DynamicCache(config=llm.config)
+        except TypeError:  # transformers < 4.56
+            cache = DynamicCache()
         out = llm(inputs_embeds=seq, position_ids=torch.arange(length, device=self.device).view(1, -1),
                   use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         tok = out.logits[:, -1].argmax(-1)
