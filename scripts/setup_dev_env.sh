@@ -37,12 +37,14 @@ VPY=$VENV/bin/python
 SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
 
 # 2. packages (one pip call, the resolver sees everything)
-REQ_HASH=$(hash_of "$ROOT/requirements/dev.txt")
+REQ_HASH=$(hash_of "$ROOT/requirements/dev.txt" "$ROOT/requirements/constraints.txt")
 if ! stamp_ok pip "$REQ_HASH"; then
   log "installing requirements/dev.txt (first time: several minutes, ~8 GB)"
   # (this machine's pip config names local index folders that may not exist: drop that noise)
-  "$VPY" -m pip install -q --upgrade pip 2>&1 | grep -v 'is ignored: it is neither' >&2 || true
-  "$VPY" -m pip install -q -r "$ROOT/requirements/dev.txt" 2>&1 | grep -v 'is ignored: it is neither' >&2 || true
+  pip_quiet() { local rc=0; "$VPY" -m pip "$@" >"$VENV/pip_install.log" 2>&1 || rc=$?
+                grep -v 'is ignored: it is neither' "$VENV/pip_install.log" >&2 || true; return $rc; }
+  pip_quiet install -q --upgrade pip
+  pip_quiet install -q -r "$ROOT/requirements/dev.txt" -c "$ROOT/requirements/constraints.txt"
   "$VPY" -m pip check >/dev/null || { "$VPY" -m pip check >&2; echo "error: pip install left broken requirements" >&2; exit 1; }
   rm -f "$STAMPS/cmake_fix" "$STAMPS/msgs"
   stamp_set pip "$REQ_HASH"
@@ -60,8 +62,8 @@ PYINC=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NPINC=$("$VPY" -c 'import numpy; print(numpy.get_include())')
 if ! stamp_ok cmake_fix "$PYINC|$NPINC"; then
   log "rewriting include paths in the ROS wheels' CMake exports"
-  grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+|site-packages/numpy/_core/include' \
-    "$VENV/share" --include='*.cmake' 2>/dev/null | while read -r f; do
+  { grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+|site-packages/numpy/_core/include' \
+    "$VENV/share" --include='*.cmake' 2>/dev/null || true; } | while read -r f; do
       sed -i -E -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$PYINC#g" \
                 -e "s#[^;\"]*/site-packages/numpy/_core/include#$NPINC#g" "$f"
     done
@@ -90,9 +92,11 @@ echo "$ROOT/openvla_ros" >"$SITE/openvla_ros.pkg"
 
 # 6. This project, editable, with its console scripts.
 PROJ_HASH=$(hash_of "$ROOT/setup.py")
+mkdir -p "$ROOT/build"
 if ! stamp_ok project "$PROJ_HASH"; then
   log "installing the project (editable)"
-  "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  "$VPY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >"$ROOT/build/pip_editable.log" 2>&1 \
+    || { cat "$ROOT/build/pip_editable.log" >&2; exit 1; }
   stamp_set project "$PROJ_HASH"
 fi
 
