@@ -20,6 +20,11 @@ setup(
         "console_scripts": [
             "openvla-predict=openvla_model.cli:predict_main",
             "openvla-tiny-checkpoint=openvla_model.cli:tiny_checkpoint_main",
+            "openvla-replay=openvla_ros.replay.cli:main",
+            # ROS 2 node executables (colcon installs the same from scripts/bin/ into lib/openvla_ros)
+            "openvla_node=openvla_ros.node:main",
+            "openvla_synthetic_camera=openvla_ros.synthetic_camera:main",
+            "openvla_demo=openvla_ros.demo:main",
         ],
     },
 )

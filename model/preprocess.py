@@ -10,6 +10,7 @@ so no PIL round trip is needed on the hot path. Measured agreement with PIL + to
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -58,7 +59,10 @@ class Preprocessor:
     def resize_uint8(self, rgb: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> (1, 3, S, S) uint8 on self.device."""
         validate_rgb(rgb)
-        t = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+        with warnings.catch_warnings():  # read-only views of ROS message buffers are fine: never written
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(np.ascontiguousarray(rgb))
+        t = t.to(self.device, non_blocking=True)
         t = t.permute(2, 0, 1).unsqueeze(0)  # channels-last memory: the fast uint8 kernel path
         if t.shape[-2:] != (self.size, self.size):
             t = _resize_bicubic_aa(t, self.size)

@@ -1,0 +1,62 @@
+"""Offline replay: every selected image of the bag through the policy API (no ROS graph)."""
+from __future__ import annotations
+
+import time
+
+from openvla_model import OpenVLAError, load_policy
+
+from ..image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from .run import Progress, frame_inputs, select_frames
+
+
+def frame_to_rgb(frame):
+    if frame.msgtype.endswith("CompressedImage"):
+        return compressed_msg_to_rgb(frame.msg)
+    return image_msg_to_rgb(frame.msg)
+
+
+def run_offline(ep, o, stop) -> tuple[list, dict]:
+    policy = load_policy(o.weights, backend=o.backend, device=o.device, dtype=o.dtype, mesh_device=o.mesh_device,
+                         center_crop=o.center_crop, default_unnorm_key=o.unnorm_key or None)
+    rows, done_times = [], []
+    t_read = t_model = 0.0
+    progress = Progress(None, o.progress, "replay")
+    try:
+        unnorm_key = policy.codec.resolve_key(o.unnorm_key or None)
+        frames = select_frames(ep.frames(), o.every, o.control_rate_hz, o.max_frames)
+        from .run import _expected_selected
+
+        progress.total = _expected_selected(ep, o)
+        t_start = time.perf_counter()
+        while not stop.hit:
+            t0 = time.perf_counter()
+            frame = next(frames, None)
+            if frame is None:
+                break
+            instruction, gt = frame_inputs(ep, o, frame)
+            row = {"frame": frame.index, "stamp_ns": frame.stamp_ns, "bag_time_ns": frame.bag_time_ns,
+                   "instruction": instruction or "", "gt": gt, "status": "ok"}
+            try:
+                rgb = frame_to_rgb(frame) if instruction else None
+                t1 = time.perf_counter()
+                t_read += t1 - t0
+                if instruction is None:
+                    row["status"] = "no_instruction"
+                else:
+                    r = policy.predict(rgb, instruction, unnorm_key)
+                    row.update(action=r.action, normalized=r.normalized, tokens=r.tokens,
+                               out_of_range=int(r.out_of_range.sum()), latency_ms=r.timings_ms["total"],
+                               inference_ms=r.timings_ms["total"], unnorm_key=unnorm_key, sequence=len(rows))
+                    done_times.append(time.perf_counter() - t_start)
+                t_model += time.perf_counter() - t1
+            except (ImageConversionError, OpenVLAError) as e:
+                row["status"] = f"rejected: {e}"
+            rows.append(row)
+            progress.update()
+        wall = time.perf_counter() - t_start
+    finally:
+        progress.close()
+        model_info = policy.describe()
+        policy.close()
+    return rows, {"model": model_info, "unnorm_key": unnorm_key, "selected": len(rows), "done_times_s": done_times,
+                  "timing_s": {"bag_read_decode": round(t_read, 4), "model": round(t_model, 4), "total": round(wall, 4)}}

@@ -1,0 +1,237 @@
+"""openvla-replay on small generated bags: the numbers in summary.json are recomputed here
+independently from the known ground truth and actions.csv; every bad input is one clear error."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import requires_ros
+from replay_bags import gt_action, write_episode
+
+pytestmark = requires_ros  # the replay tool is ROS glue (openvla_ros.msg, rosbags types)
+
+DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+
+
+def replay(args, capsys=None):
+    from openvla_ros.replay.cli import main
+
+    rc = main(list(map(str, args)) + ["--quiet", "--device", "cpu", "--dtype", "float32"])
+    err = capsys.readouterr().err if capsys else ""
+    return rc, err
+
+
+def read_csv(out: Path):
+    with open(out / "actions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_numbers(out: Path, expect_gt=True, twist=False):
+    s = json.loads((out / "summary.json").read_text())
+    rows = [r for r in read_csv(out) if r["status"] == "ok"]
+    assert s["frames"]["processed"] == len(rows) > 0
+    pred = np.array([[float(r[f"pred_{d}"]) for d in DIMS] for r in rows])
+    if not expect_gt:
+        assert s["errors_vs_gt"] is None and s["gripper_agreement"] is None
+        return s, rows
+    gt = np.array([gt_action(int(r["frame"])) for r in rows])
+    for d, name in enumerate(DIMS):
+        e = s["errors_vs_gt"][name]
+        if twist and name == "gripper":
+            assert e["n"] == 0 and e["mae"] is None
+            continue
+        err = pred[:, d] - gt[:, d]
+        assert e["n"] == len(rows)
+        assert e["mae"] == pytest.approx(np.abs(err).mean(), rel=1e-5, abs=1e-7)
+        assert e["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-5, abs=1e-7)
+        if np.std(gt[:, d]) > 1e-9 and np.std(pred[:, d]) > 1e-9:
+            assert e["corr"] == pytest.approx(np.corrcoef(pred[:, d], gt[:, d])[0, 1], abs=1e-5)
+        else:
+            assert e["corr"] is None
+    if twist:
+        assert s["gripper_agreement"] is None
+    else:
+        assert s["gripper_agreement"] == pytest.approx(((pred[:, 6] > 0.5) == (gt[:, 6] > 0.5)).mean())
+    return s, rows
+
+
+def read_output_bag(out: Path):
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([out / "predictions_bag"]) as reader:  # type from the bag's own message definition
+        assert [c.msgtype for c in reader.connections] == ["openvla_ros/msg/EndEffectorAction"]
+        return [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages()]
+
+
+@pytest.mark.parametrize("storage,version,gt", [("sqlite3", 8, "float64"), ("mcap", 9, "action")])
+def test_offline_replay_numbers_and_outputs(tmp_path, tiny_weights, capsys, storage, version, gt):
+    bag = write_episode(tmp_path / "ep", n_frames=10, storage=storage, version=version, gt=gt)
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    s, rows = check_numbers(out)
+    assert s["partial"] is False and s["mode"] == "offline"
+    assert s["frames"] == {"in_bag": 10, "selected": 10, "expected_selected": 10, "processed": 10, "rejected": 0,
+                           "dropped": 0, "no_instruction": 0}
+    assert s["bag"]["storage"] == storage and s["bag"]["image_topic"] == "/camera/image"
+    assert s["model"]["backend"] == "torch" and s["unnorm_key"] == "bridge_orig"
+    assert s["latency_ms"]["p50"] > 0 and s["latency_ms"]["max"] >= s["latency_ms"]["p95"] >= s["latency_ms"]["p50"]
+    assert s["timing_s"]["model"] > 0 and s["timing_s"]["bag_read_decode"] >= 0
+    assert {p.name for p in out.iterdir()} >= {"actions.csv", "summary.json", "report.md", "index.html",
+                                               "actions.png", "latency_hist.png", "rate.png", "predictions_bag"}
+    assert (out / "actions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MAE" in (out / "report.md").read_text() and "<table" in (out / "index.html").read_text()
+    msgs = read_output_bag(out)
+    assert len(msgs) == 10
+    for m, r in zip(msgs, rows):
+        assert m.header.stamp.sec * 10**9 + m.header.stamp.nanosec == int(r["stamp_ns"])
+        assert list(m.tokens) == [int(r[f"token_{i}"]) for i in range(7)]
+        assert m.delta_position.x == pytest.approx(float(r["pred_x"]), rel=1e-5)
+        assert m.instruction == "pick up the red cup" and m.unnorm_key == "bridge_orig"
+    assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_offline_same_tokens_as_the_policy_api(tmp_path, tiny_weights, tiny_policy, capsys):
+    from openvla_model.synthetic import synthetic_rgb
+
+    bag = write_episode(tmp_path / "ep", n_frames=3, gt=None)
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    for r in read_csv(tmp_path / "o"):
+        want = tiny_policy.predict(synthetic_rgb(int(r["frame"]), 96, 128), "pick up the red cup", "bridge_orig")
+        assert [int(r[f"token_{i}"]) for i in range(7)] == want.tokens.tolist()
+
+
+def test_twist_ground_truth_and_every_nth(tmp_path, tiny_weights, capsys):
+    bag = write_episode(tmp_path / "ep", n_frames=9, gt="twist")
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out, "--every", "3"], capsys)
+    assert rc == 0, err
+    s, rows = check_numbers(out, twist=True)
+    assert [int(r["frame"]) for r in rows] == [0, 3, 6]
+
+
+def test_predictions_only_without_gt_and_compressed_images(tmp_path, tiny_weights, capsys):
+    bag = write_episode(tmp_path / "ep", n_frames=4, gt=None, compressed=True)
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    check_numbers(out, expect_gt=False)
+    assert "predictions only" in (out / "report.md").read_text()
+
+
+def test_control_rate_selection_and_instruction_from_option(tmp_path, tiny_weights, capsys):
+    bag = write_episode(tmp_path / "ep", n_frames=12, instruction=None, gt=None)  # 10 Hz images
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out,
+                      "--control-rate-hz", "5", "--instruction", "open the drawer"], capsys)
+    assert rc == 0, err
+    rows = read_csv(out)
+    assert [int(r["frame"]) for r in rows] == [0, 2, 4, 6, 8, 10]
+    assert {r["instruction"] for r in rows} == {"open the drawer"}
+
+
+def test_frames_before_the_first_instruction_are_skipped_and_counted(tmp_path, tiny_weights, capsys):
+    bag = write_episode(tmp_path / "ep", n_frames=8, gt=None, instruction_delay_s=0.35)
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["frames"]["no_instruction"] == 4 and s["frames"]["processed"] == 4
+
+
+def test_a_bad_frame_is_rejected_and_the_rest_processed(tmp_path, tiny_weights, capsys):
+    bag = write_episode(tmp_path / "ep", n_frames=5, gt=None, corrupt_frame=2)
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    rows = read_csv(out)
+    assert rows[2]["status"].startswith("rejected: image data truncated")
+    assert json.loads((out / "summary.json").read_text())["frames"]["rejected"] == 1
+
+
+def _corrupt_bag(tmp_path):
+    bag = write_episode(tmp_path / "corrupt", n_frames=3)
+    db = next(bag.glob("*.db3"))
+    db.write_bytes(b"this is not sqlite" * 100)
+    return bag
+
+
+def _empty_bag(tmp_path):
+    from rosbags.rosbag2 import Writer
+
+    with Writer(tmp_path / "empty", version=9):
+        pass
+    return tmp_path / "empty"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "bag not found"),
+    ("corrupt", "cannot read bag"),
+    ("empty", "is empty"),
+    ("missing_topic", "image topic '/nope' not in the bag; topics present: /camera/image [sensor_msgs/msg/Image]"),
+    ("wrong_type", "image topic '/instruction' has type std_msgs/msg/String"),
+    ("two_image_topics", "several image topics"),
+    ("no_instruction_topic", "no instruction topic"),
+    ("late_instruction", "mismatched instruction timing"),
+    ("out_exists", "exists and is not empty"),
+])
+def test_bad_input_is_one_clear_error_and_leaves_nothing_unmarked(tmp_path, tiny_weights, capsys, case, match):
+    args = []
+    if case == "missing":
+        bag = tmp_path / "nope"
+    elif case == "corrupt":
+        bag = _corrupt_bag(tmp_path)
+    elif case == "empty":
+        bag = _empty_bag(tmp_path)
+    elif case == "two_image_topics":
+        bag = write_episode(tmp_path / "ep", n_frames=2, extra_image_topic=True)
+    elif case == "no_instruction_topic":
+        bag = write_episode(tmp_path / "ep", n_frames=2, instruction=None)
+    elif case == "late_instruction":
+        bag = write_episode(tmp_path / "ep", n_frames=3, instruction_delay_s=5.0)
+    else:
+        bag = write_episode(tmp_path / "ep", n_frames=2)
+        args = {"missing_topic": ["--image-topic", "/nope"], "wrong_type": ["--image-topic", "/instruction"],
+                "out_exists": []}[case]
+    out = tmp_path / "out"
+    if case == "out_exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out] + args, capsys)
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and match in lines[0], err
+    assert not (tmp_path / "out.incomplete").exists()
+    if case == "out_exists":
+        assert (out / "keep.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
+
+
+def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_weights, ros_env):
+    bag = write_episode(tmp_path / "ep", n_frames=60, gt="float64")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "openvla_ros.replay.cli", str(bag), "--weights", str(tiny_weights),
+           "--unnorm-key", "bridge_orig", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, env=ros_env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    for line in proc.stderr:  # the first progress line: frames are being processed
+        if "[openvla-replay] 1/" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["partial"] is True and 1 <= s["frames"]["processed"] < 60
+    assert "PARTIAL" in (out / "report.md").read_text() and "PARTIAL report" in stdout
+    assert len(read_output_bag(out)) == s["frames"]["processed"]
