@@ -17,8 +17,12 @@ BACKENDS = ("torch", "ttnn")
 
 def create_backend(name: str, config, checkpoint, **options):
     if name == "torch":
-        from .torch_backend import TorchBackend
+        from .torch_backend import TorchBackend, resolve_device
+        from .torch_cuda import FastTorchBackend, use_fast_path
 
+        # CUDA: the fast path (graphs, static cache) unless fast=False / OPENVLA_TORCH_FAST=0.
+        if use_fast_path(resolve_device(options.get("device")), options.get("fast")):
+            return FastTorchBackend(config, checkpoint, device=options.get("device"), dtype=options.get("dtype"))
         return TorchBackend(config, checkpoint, device=options.get("device"), dtype=options.get("dtype"))
     if name == "ttnn":
         raise BackendError(

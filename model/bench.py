@@ -1,0 +1,512 @@
+"""openvla-bench: time every stage of one action, for any backend, against transformers' generate().
+
+    openvla-bench [--backend torch|ttnn] [--device cpu|cuda] [--size full|tiny] [--weights DIR]
+                  [--runs N] [--json OUT]
+
+Without --weights, `--size full` builds the full OpenVLA-7B shape with RANDOM weights
+(initialised on the device in the working dtype; nothing is downloaded) and `--size tiny` writes
+the tiny random checkpoint. One run = one action on a 640x480 bgr8 frame: image conversion,
+preprocessing, vision, projector, prefill, each decode step, detokenize, total. Every stage is
+bracketed by a device synchronisation (or CUDA events for the fast path, which never syncs
+between stages); WARMUP_RUNS runs per path are excluded; median and p95 over --runs.
+
+In the same run, on the same weights and inputs: the torch reference path (transformers Llama,
+DynamicCache), the fast path (graphs, static cache; see backends/torch_cuda.py), and the plain
+transformers generate() path (inputs_embeds = [BOS, patches, prompt[1:]], greedy, 7 new tokens),
+with the speed ratios, peak GPU memory, and a token-agreement check (with logit margins for any
+mismatch) over several images and prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+WARMUP_RUNS = 3
+DEFAULT_RUNS = 20
+UNNORM_KEY = "bridge_orig"
+FRAME_HEIGHT, FRAME_WIDTH = 480, 640
+INSTRUCTIONS = (
+    "pick up the red cup",
+    "put the blue block into the open drawer on the left of the sink next to the yellow towel",
+)
+AGREEMENT_SEEDS = (0, 1, 2, 3)
+
+log = logging.getLogger("openvla_model")
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def frame_message(rgb: np.ndarray):
+    """A sensor_msgs/Image-shaped object (bgr8, no ROS needed) holding the frame."""
+    h, w, _ = rgb.shape
+    return SimpleNamespace(encoding="bgr8", height=h, width=w, step=w * 3,
+                           data=np.ascontiguousarray(rgb[..., ::-1]).tobytes())
+
+
+def _image_converter():
+    """The node's converter when the ROS-side package is importable (pure numpy), else the same
+    numpy steps inline."""
+    try:
+        from openvla_ros.image_conversion import image_msg_to_rgb
+
+        return image_msg_to_rgb, "openvla_ros.image_conversion.image_msg_to_rgb"
+    except Exception:
+        def convert(msg):
+            a = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)[:, :msg.width * 3]
+            return np.ascontiguousarray(a.reshape(msg.height, msg.width, 3)[..., ::-1])
+
+        return convert, "numpy (bgr8 bytes -> RGB array)"
+
+
+def prepare_model_dir(size: str, weights: str | None, tmp: Path):
+    """-> (weights dir, checkpoint, source description)."""
+    from .checkpoint import Checkpoint
+
+    if weights:
+        return Path(weights), Checkpoint(weights), f"checkpoint {weights}"
+    if size == "tiny":
+        from .tiny_checkpoint import write_tiny_checkpoint
+
+        d = write_tiny_checkpoint(tmp / "tiny", seed=0)
+        return d, Checkpoint(d), "tiny random checkpoint"
+    from .full_config import RandomCheckpoint, write_full_config
+
+    d = write_full_config(tmp / "full")
+    return d, RandomCheckpoint(seed=0), "full size (7.54 B parameters), random weights"
+
+
+# -- timing helpers ----------------------------------------------------------------------------
+
+def summarise(values) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)), "mean_ms": float(a.mean()),
+            "min_ms": float(a.min()), "n": int(a.size)}
+
+
+def make_sync(device):
+    import torch
+
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_backend(backend, pre, msgs, convert, ids, n, codec, sync, runs: int, warmup: int) -> dict:
+    """End-to-end runs through one backend; returns {stage: [ms per run]}."""
+    clock = time.perf_counter
+    rec: dict[str, list] = {}
+    for i in range(warmup + runs):
+        msg = msgs[i % len(msgs)]
+        sync()
+        t0 = clock()
+        rgb = convert(msg)
+        t1 = clock()
+        px = pre(rgb)
+        sync()
+        t2 = clock()
+        tokens, tm = backend.generate(px, ids, n)
+        t3 = clock()
+        dec = codec.decode_tokens(tokens)
+        codec.unnormalize(dec.normalized, UNNORM_KEY)
+        t4 = clock()
+        if i < warmup:
+            continue
+        row = {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
+               "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+        for k, ms in enumerate(getattr(backend, "last_decode_steps_ms", None) or []):
+            row[f"decode_step_{k + 1}"] = ms
+        for k, v in row.items():
+            rec.setdefault(k, []).append(float(v))
+    return rec
+
+
+def _embed_sequence(modules, px, ids, device, dtype):
+    """[emb(BOS), projected patches, emb(prompt[1:])] exactly as the reference builds it."""
+    import torch
+
+    llm = modules.llm
+    patches = modules.vision(px.to(device, dtype))
+    projected = modules.projector(patches)
+    emb = llm.get_input_embeddings()(torch.as_tensor(np.asarray(ids), device=device).view(1, -1))
+    return torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+
+
+def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync):
+    """The plain transformers path: vision + projector, then LlamaForCausalLM.generate() on the
+    multimodal inputs_embeds (greedy, n new tokens). Returns (tokens, {stage: ms})."""
+    import torch
+    from transformers import GenerationConfig
+
+    clock = time.perf_counter
+    t0 = clock()
+    seq = _embed_sequence(modules, px, ids, device, dtype)
+    sync()
+    t1 = clock()
+    gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
+                          pad_token_id=pad_id, bos_token_id=1, eos_token_id=None)
+    out = modules.llm.generate(inputs_embeds=seq, attention_mask=torch.ones(seq.shape[:2], dtype=torch.long,
+                                                                            device=device),
+                               generation_config=gc)
+    tokens = out[0, -n:].cpu().numpy().astype(np.int64)
+    t2 = clock()
+    return tokens, {"vision+projector": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3}
+
+
+def time_hf(modules, pre, msgs, convert, ids, n, codec, pad_id, device, dtype, sync, runs, warmup) -> dict:
+    import torch
+
+    clock = time.perf_counter
+    rec: dict[str, list] = {}
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            msg = msgs[i % len(msgs)]
+            sync()
+            t0 = clock()
+            rgb = convert(msg)
+            t1 = clock()
+            px = pre(rgb)
+            sync()
+            t2 = clock()
+            tokens, tm = hf_generate(modules, px, ids, n, pad_id, device, dtype, sync)
+            t3 = clock()
+            codec.unnormalize(codec.decode_tokens(tokens).normalized, UNNORM_KEY)
+            t4 = clock()
+            if i < warmup:
+                continue
+            row = {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
+                   "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+            for k, v in row.items():
+                rec.setdefault(k, []).append(float(v))
+    return rec
+
+
+def teacher_forced_logits(modules, px, ids, tokens, device, dtype):
+    """The reference model's logits for each of the given tokens, in one full forward over
+    [BOS, patches, prompt[1:], tokens[:-1]] (no cache): float32 (n, vocab) on the CPU."""
+    import torch
+
+    with torch.inference_mode():
+        seq = _embed_sequence(modules, px, ids, device, dtype)
+        llm = modules.llm
+        prev = torch.as_tensor(np.asarray(tokens[:-1], dtype=np.int64), device=device).view(1, -1)
+        seq = torch.cat([seq, llm.get_input_embeddings()(prev)], dim=1)
+        pos = torch.arange(seq.shape[1], device=device).view(1, -1)
+        out = llm(inputs_embeds=seq, position_ids=pos, use_cache=False, logits_to_keep=len(tokens))
+        return out.logits[0].float().cpu()
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _margin(logits_row) -> float:
+    top = logits_row.topk(2).values
+    return float(top[0] - top[1])
+
+
+def check_agreement(fast, ref, pre_ref, pre_fast, tokenizer, config, device, dtype, sync) -> dict:
+    """Tokens of fast vs reference vs transformers generate() on the same pixels (the reference
+    preprocessing), over AGREEMENT_SEEDS x INSTRUCTIONS; margins and the first mismatch's logits."""
+    import torch
+
+    from .synthetic import synthetic_rgb
+
+    n = config.action_dim
+    cases = []
+    with torch.inference_mode():
+        for seed in AGREEMENT_SEEDS:
+            rgb = synthetic_rgb(seed, FRAME_HEIGHT, FRAME_WIDTH)
+            px = pre_ref(rgb)
+            for instr in INSTRUCTIONS:
+                ids = tokenizer.encode_prompt(instr)
+                ref_tok, _ = ref.generate(px, ids, n)
+                case = {"image_seed": seed, "instruction": instr, "prompt_tokens": int(ids.size),
+                        "reference": ref_tok.tolist()}
+                tf = teacher_forced_logits(ref.modules, px, ids, ref_tok, device, dtype)
+                case["reference_margins"] = [_sig(_margin(tf[j])) for j in range(n)]
+                hf_tok, _ = hf_generate(ref.modules, px, ids, n, config.pad_token_id, device, dtype, sync)
+                case["hf_generate"] = hf_tok.tolist()
+                case["hf_equal"] = bool(np.array_equal(hf_tok, ref_tok))
+                if fast is not None:
+                    fast_tok, _ = fast.generate(px, ids, n)
+                    fl = fast.last_logits(n)
+                    case["fast"] = fast_tok.tolist()
+                    case["fast_equal"] = bool(np.array_equal(fast_tok, ref_tok))
+                    diff = np.nonzero(fast_tok != ref_tok)[0]
+                    k = int(diff[0]) if diff.size else n
+                    # logits are comparable up to (and including) the first differing step
+                    upto = min(k + 1, n)
+                    case["fast_vs_reference_max_abs_logit_diff"] = _sig(float((fl[:upto] - tf[:upto]).abs().max()))
+                    case["logit_scale"] = _sig(float(tf.std()))
+                    if diff.size:
+                        a, b = int(ref_tok[k]), int(fast_tok[k])
+                        case["first_mismatch"] = {
+                            "step": k, "reference_token": a, "fast_token": b,
+                            "reference_logit_gap": _sig(float(tf[k, a] - tf[k, b])),
+                            "fast_logit_gap": _sig(float(fl[k, b] - fl[k, a]))}
+                    if pre_fast is not None and pre_fast.device.type != "cpu":
+                        px_dev = pre_fast(rgb)
+                        case["device_preprocess_max_abs_diff"] = _sig(float((px_dev.float().cpu() - px.float())
+                                                                            .abs().max()))
+                        e2e, _ = fast.generate(px_dev, ids, n)
+                        case["fast_with_device_preprocess_equal"] = bool(np.array_equal(e2e, ref_tok))
+                cases.append(case)
+    out = {"cases": cases, "hf_equal": sum(c["hf_equal"] for c in cases), "n_cases": len(cases),
+           "min_reference_margin": min(min(c["reference_margins"]) for c in cases)}
+    if fast is not None:
+        out["fast_equal"] = sum(c["fast_equal"] for c in cases)
+        out["max_abs_logit_diff"] = max(c["fast_vs_reference_max_abs_logit_diff"] for c in cases)
+        if any("fast_with_device_preprocess_equal" in c for c in cases):
+            out["fast_with_device_preprocess_equal"] = sum(c.get("fast_with_device_preprocess_equal", False)
+                                                           for c in cases)
+    return out
+
+
+# -- report ------------------------------------------------------------------------------------
+
+STAGE_ORDER = ["image_conversion", "preprocess", "vision", "projector", "vision+projector", "prefill"]
+
+
+def _stage_rows(paths: dict) -> list[str]:
+    keys = []
+    for rec in paths.values():
+        for k in rec["stages"]:
+            if k not in keys:
+                keys.append(k)
+    steps = sorted([k for k in keys if k.startswith("decode_step_")], key=lambda k: int(k.rsplit("_", 1)[1]))
+    ordered = [k for k in STAGE_ORDER if k in keys] + steps
+    ordered += [k for k in ("decode", "generate", "detokenize", "backend_wall", "total") if k in keys]
+    return ordered
+
+
+def format_table(report: dict) -> str:
+    paths = report["paths"]
+    names = list(paths)
+    lines = []
+    head = f"{'stage (ms)':<20}" + "".join(f"{n + ('*' if paths[n].get('default') else ''):>24}" for n in names)
+    lines.append(head)
+    lines.append(f"{'':<20}" + "".join(f"{'median':>14}{'p95':>10}" for _ in names))
+    for stage in _stage_rows(paths):
+        cells = []
+        for n in names:
+            s = paths[n]["stages"].get(stage)
+            cells.append(f"{s['median_ms']:>14.2f}{s['p95_ms']:>10.2f}" if s else f"{'-':>14}{'':>10}")
+        lines.append(f"{stage:<20}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _env_info(device) -> dict:
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "device": str(device), "host": platform.node()}
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except Exception:
+        pass
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(card=p.name, card_memory_gb=round(p.total_memory / 1e9, 1), cuda=torch.version.cuda)
+    else:
+        info["card"] = f"CPU ({os.cpu_count()} logical cores visible)"
+    return info
+
+
+def _gb(x) -> float:
+    return round(x / 1e9, 3)
+
+
+def run(args) -> dict:
+    import torch
+
+    from .action_codec import ActionCodec
+    from .backends import create_backend
+    from .backends.torch_backend import TorchBackend, resolve_device, resolve_dtype
+    from .backends.torch_cuda import FastTorchBackend, use_fast_path
+    from .config import load_config
+    from .preprocess import Preprocessor
+    from .prompt import PromptTokenizer
+    from .synthetic import synthetic_rgb
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(None, device)
+    sync = make_sync(device)
+    cuda = device.type == "cuda"
+    tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
+    wdir, checkpoint, source = prepare_model_dir(args.size, args.weights, tmp)
+    config = load_config(wdir)
+    tokenizer = PromptTokenizer(wdir)
+    codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    n = config.action_dim
+    convert, convert_name = _image_converter()
+    msgs = [frame_message(synthetic_rgb(s, FRAME_HEIGHT, FRAME_WIDTH)) for s in AGREEMENT_SEEDS]
+    ids = tokenizer.encode_prompt(INSTRUCTIONS[0])
+    report = {"tool": "openvla-bench", "backend": args.backend, "size": args.size, "weights": source,
+              "dtype": str(dtype).replace("torch.", ""), "runs": args.runs, "warmup_runs": WARMUP_RUNS,
+              "instruction": INSTRUCTIONS[0], "prompt_tokens": int(ids.size),
+              "sequence_length": int(ids.size + config.num_patches), "new_tokens": n,
+              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT} bgr8", "image_conversion": convert_name,
+              "env": _env_info(device), "paths": {}, "memory": {}}
+    pre_cpu = Preprocessor(config, device="cpu")
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    ref = TorchBackend(config, checkpoint, device=str(device), dtype=dtype)
+    report["load_s"] = round(time.perf_counter() - t, 2)
+    paths = []  # (name, backend, preprocessor, default)
+    fast = None
+    if args.backend == "torch":
+        t = time.perf_counter()
+        fast = FastTorchBackend(config, reference=ref)
+        report["fast_setup_s"] = round(time.perf_counter() - t, 2)
+        pre_fast = Preprocessor(config, device=fast.preprocess_device)
+        default_fast = use_fast_path(device)
+        paths.append(("torch-fast", fast, pre_fast, default_fast))
+        paths.append(("torch-reference", ref, pre_cpu, not default_fast))
+    else:
+        be = create_backend(args.backend, config, checkpoint, device=str(device),
+                            mesh_device=os.environ.get("MESH_DEVICE"))
+        pre_be = Preprocessor(config, device=getattr(be, "preprocess_device", "cpu"))
+        paths.append((args.backend, be, pre_be, True))
+        paths.append(("torch-reference", ref, pre_cpu, False))
+        pre_fast = None
+    if cuda:
+        report["memory"]["load_peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
+
+    for name, backend, pre, default in paths:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        rec = time_backend(backend, pre, msgs, convert, ids, n, codec, sync, args.runs, WARMUP_RUNS)
+        entry = {"default": default, "describe": backend.describe(), "wall_s": round(time.perf_counter() - t, 2),
+                 "stages": {k: summarise(v) for k, v in rec.items()}}
+        if cuda:
+            entry["peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
+            entry["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved(device))
+            free, total = torch.cuda.mem_get_info(device)
+            entry["device_used_gb"] = _gb(total - free)
+        report["paths"][name] = entry
+        print(f"[bench] {name}: total median {entry['stages']['total']['median_ms']:.2f} ms", file=sys.stderr,
+              flush=True)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rec = time_hf(ref.modules, pre_cpu, msgs, convert, ids, n, codec, config.pad_token_id, device, dtype, sync,
+                  args.runs, WARMUP_RUNS)
+    entry = {"default": False, "describe": {"path": "transformers LlamaForCausalLM.generate (greedy, DynamicCache)"},
+             "stages": {k: summarise(v) for k, v in rec.items()}}
+    if cuda:
+        entry["peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
+        entry["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved(device))
+    report["paths"]["hf-generate"] = entry
+    print(f"[bench] hf-generate: total median {entry['stages']['total']['median_ms']:.2f} ms", file=sys.stderr,
+          flush=True)
+
+    main_name = paths[0][0]
+    med = {k: v["stages"]["total"]["median_ms"] for k, v in report["paths"].items()}
+    model = {k: v["stages"]["backend_wall"]["median_ms"] for k, v in report["paths"].items()}
+    report["ratios"] = {
+        f"hf-generate / {main_name} (total)": round(med["hf-generate"] / med[main_name], 2),
+        f"hf-generate / {main_name} (model only)": round(model["hf-generate"] / model[main_name], 2),
+        f"torch-reference / {main_name} (total)": round(med["torch-reference"] / med[main_name], 2),
+    }
+    report["actions_per_s"] = {k: round(1e3 / v, 2) for k, v in med.items()}
+
+    if args.backend == "torch":
+        report["agreement"] = check_agreement(fast, ref, pre_cpu, pre_fast, tokenizer, config, device, dtype, sync)
+    else:
+        report["agreement"] = check_agreement(None, ref, pre_cpu, None, tokenizer, config, device, dtype, sync)
+    for _, backend, _, _ in paths:
+        backend.close()
+    return report
+
+
+def print_report(report: dict) -> None:
+    env = report["env"]
+    print(f"openvla-bench: backend {report['backend']}, {report['weights']}, {report['dtype']}, "
+          f"on {env['card']} (torch {env['torch']}, transformers {env['transformers']})")
+    print(f"one action = {report['frame']} frame -> {report['new_tokens']} tokens; prompt {report['prompt_tokens']} "
+          f"tokens, sequence {report['sequence_length']}; {report['runs']} runs after {report['warmup_runs']} "
+          f"warm-up runs per path; * = the path chosen by default on this device")
+    print(format_table(report))
+    for k, v in report["ratios"].items():
+        print(f"ratio {k}: {v:.2f}x")
+    print("actions/s (median total): " + ", ".join(f"{k} {v:.1f}" for k, v in report["actions_per_s"].items()))
+    for name, p in report["paths"].items():
+        if "peak_allocated_gb" in p:
+            used = f", device used {p['device_used_gb']:.2f} GB" if "device_used_gb" in p else ""
+            print(f"peak GPU memory {name}: {p['peak_allocated_gb']:.2f} GB allocated, "
+                  f"{p['peak_reserved_gb']:.2f} GB reserved{used}")
+    for name, p in report["paths"].items():
+        d = p.get("describe", {})
+        if d.get("path") == "fast":
+            print(f"fast path: graphs {d.get('cuda_graphs')}, element-wise ops {d.get('elementwise_ops')}, "
+                  f"graph failures {d.get('graph_failures') or 'none'}")
+    a = report.get("agreement")
+    if a:
+        line = f"token agreement over {a['n_cases']} image x prompt cases: hf-generate == reference {a['hf_equal']}"
+        if "fast_equal" in a:
+            line += f", fast == reference {a['fast_equal']} (max |logit diff| {a['max_abs_logit_diff']:.3g})"
+        if "fast_with_device_preprocess_equal" in a:
+            line += f", fast with device preprocessing == reference {a['fast_with_device_preprocess_equal']}"
+        line += f"; smallest reference top-1/top-2 margin {a['min_reference_margin']:.3g}"
+        print(line)
+        for c in a["cases"]:
+            if "first_mismatch" in c:
+                print(f"  mismatch (image {c['image_seed']}, {c['prompt_tokens']} prompt tokens): {c['first_mismatch']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="openvla-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="torch", choices=["torch", "ttnn"])
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="torch device for the model (default: cuda when available)")
+    p.add_argument("--size", default="full", choices=["full", "tiny"],
+                   help="model size when no --weights are given (random weights)")
+    p.add_argument("--weights", default=None, metavar="DIR", help="a real checkpoint directory (HF layout)")
+    p.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="N", help="timed runs per path")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
+    if args.runs < 1:
+        print("error: --runs must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+    from .errors import OpenVLAError
+
+    try:
+        report = run(args)
+    except (OpenVLAError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
