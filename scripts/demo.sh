@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The README's demo: OpenVLA on the embedded tiny RANDOM checkpoint (its actions are
-# meaningless), CPU, on a synthetic camera frame.
+# The README's demo (`make demo`, run under scripts/run_isolated.sh): the real ROS 2 node
+# pipeline on the embedded tiny RANDOM checkpoint (its actions are meaningless), CPU:
+# synthetic camera + instruction -> openvla_node -> a few printed EndEffectorActions, then a
+# clean SIGINT shutdown of both nodes. Same processes as launch/openvla_demo.launch.py, started
+# directly (ros2 launch is not installable from PyPI).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WEIGHTS=${1:-$ROOT/build/tiny_openvla}
 VENV=${OPENVLA_VENV:-$ROOT/.venv}
-IMG=$ROOT/build/demo_frame.png
-"$VENV/bin/python" - "$IMG" <<'PY'
-import sys, cv2
-from openvla_model.synthetic import synthetic_rgb
-cv2.imwrite(sys.argv[1], synthetic_rgb(seed=7)[..., ::-1])
-PY
-echo "== openvla-predict on the tiny random checkpoint ($WEIGHTS): actions are MEANINGLESS =="
-"$VENV/bin/openvla-predict" --weights "$WEIGHTS" --image "$IMG" \
-  --instruction "pick up the red cup" --unnorm-key bridge_orig --device cpu
+# A demo-private ROS domain unless the caller chose one.
+export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-$((100 + $$ % 100))}
+echo "== openvla_node on the tiny random checkpoint ($WEIGHTS): actions are MEANINGLESS =="
+exec "$VENV/bin/python" -m openvla_ros.demo --weights "$WEIGHTS" --instruction "pick up the red cup" \
+  --unnorm-key bridge_orig --device cpu --count 5

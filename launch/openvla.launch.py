@@ -1,0 +1,99 @@
+"""Run OpenVLA on a robot:
+
+    ros2 launch openvla_ros openvla.launch.py mesh_device:=N300 weights_path:=/path/to/openvla-7b
+
+Parameters come from, in order (later wins): params_file (default config/openvla.yaml), the
+per-mesh precision profile config/mesh/<mesh_device>.yaml (N300, T3K; `auto` uses $MESH_DEVICE),
+then the non-empty launch arguments below. The node starts in dry-run mode unless
+start_enabled:=true: actions appear on `action_preview`; enable motion with
+    ros2 service call /<namespace>/openvla_node/enable std_srvs/srv/SetBool "{data: true}"
+See docs/ros_node.md.
+"""
+import os
+import sys
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+from launch_ros.actions import Node
+
+# Works from the source tree and from share/openvla_ros/launch (config/ sits beside launch/).
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+MESH_PROFILES = ("N300", "T3K")
+
+ARGUMENTS = [
+    ("mesh_device", "auto", "TT-NN mesh: N300 | T3K | auto ($MESH_DEVICE); selects config/mesh/<mesh>.yaml"),
+    ("weights_path", EnvironmentVariable("OPENVLA_WEIGHTS", default_value=""),
+     "checkpoint directory in the HF openvla-7b layout (default $OPENVLA_WEIGHTS)"),
+    ("backend", "", "ttnn | torch (empty: the params file's value, ttnn by default)"),
+    ("device", "", "torch device: auto | cpu | cuda (empty: params file)"),
+    ("unnorm_key", "", "dataset statistics key, e.g. bridge_orig (empty: params file)"),
+    ("params_file", os.path.join(CONFIG_DIR, "openvla.yaml"), "ros__parameters YAML for the node"),
+    ("image_topic", "image", "camera topic (sensor_msgs/Image; <topic>/compressed with image_transport:=compressed)"),
+    ("image_transport", "", "raw | compressed (empty: params file)"),
+    ("instruction_topic", "instruction", "std_msgs/String topic carrying the language instruction"),
+    ("namespace", "", "namespace for the node and its relative topics"),
+    ("node_name", "openvla_node", "node name"),
+    ("start_enabled", "false", "publish motion immediately (false: dry run until ~/enable true)"),
+    ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
+    ("log_level", "info", "debug | info | warn | error"),
+]
+
+
+def node_command(module: str, executable: str) -> dict:
+    """launch_ros Node kwargs for one of our executables: the colcon-installed one when the
+    package is in the ament index (what `ros2 run` uses), else the pip console script beside
+    this Python, else `python -m <module>` (dev venv, source tree)."""
+    try:
+        from ament_index_python.packages import get_package_prefix
+
+        prefix = get_package_prefix("openvla_ros")
+        if os.access(os.path.join(prefix, "lib", "openvla_ros", executable), os.X_OK):
+            return {"package": "openvla_ros", "executable": executable}
+    except Exception:  # noqa: BLE001 - not in the ament index: fall through
+        pass
+    script = os.path.join(os.path.dirname(sys.executable), executable)
+    if os.access(script, os.X_OK):
+        return {"executable": script}
+    return {"executable": sys.executable, "arguments": ["-m", module]}
+
+
+def _truthy(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _make_node(context, *args, **kwargs):
+    def arg(name):
+        return LaunchConfiguration(name).perform(context).strip()
+
+    mesh = arg("mesh_device")
+    resolved_mesh = os.environ.get("MESH_DEVICE", "auto") if mesh == "auto" else mesh
+    parameters = [arg("params_file")]
+    if resolved_mesh in MESH_PROFILES:
+        parameters.append(os.path.join(CONFIG_DIR, "mesh", f"{resolved_mesh}.yaml"))
+    overrides = {"mesh_device": resolved_mesh if resolved_mesh in MESH_PROFILES else mesh,
+                 "start_enabled": _truthy(arg("start_enabled")),
+                 "use_sim_time": _truthy(arg("use_sim_time"))}
+    for name in ("weights_path", "backend", "device", "unnorm_key", "image_transport"):
+        if arg(name):
+            overrides[name] = arg(name)
+    parameters.append(overrides)
+    image_topic = arg("image_topic")
+    return [Node(
+        **node_command("openvla_ros.node", "openvla_node"),
+        name=arg("node_name"),
+        namespace=arg("namespace"),
+        parameters=parameters,
+        remappings=[("image", image_topic), ("image/compressed", f"{image_topic}/compressed"),
+                    ("instruction", arg("instruction_topic"))],
+        ros_arguments=["--log-level", arg("log_level")],
+        output="screen",
+        emulate_tty=True,
+        sigterm_timeout="15",  # let the node publish its zero-motion action and close the device
+    )]
+
+
+def generate_launch_description():
+    return LaunchDescription(
+        [DeclareLaunchArgument(name, default_value=default, description=doc) for name, default, doc in ARGUMENTS]
+        + [OpaqueFunction(function=_make_node)])

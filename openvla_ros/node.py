@@ -1,0 +1,681 @@
+"""openvla_node: camera image + language instruction in, end-effector actions out.
+
+Lifecycle (rclpy LifecycleNode):
+  configure  = load the policy once (weights, device) and create topics; it stays resident.
+  activate   = start the inference worker; actions flow.
+  deactivate = publish one zero-motion action if motion was enabled, stop the worker.
+  cleanup / shutdown = close the policy (device released).
+With `autostart` (default true) the node configures and activates itself, so `ros2 run` works.
+A failed configure (bad weights path, backend unavailable) leaves the node up, unconfigured,
+reporting ERROR on /diagnostics with the reason.
+
+Threads: the executor thread only hands work on (store the newest frame, set the instruction,
+answer services, publish diagnostics); one worker thread converts, infers and publishes.
+Frames arriving while the worker is busy replace the pending one (counted as dropped), so
+there is never a backlog.
+
+Topics (relative, so namespaces and remapping work):
+  in:  image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage), instruction
+  out: action, action_preview (openvla_ros/EndEffectorAction), twist (TwistStamped), gripper (Float64),
+       /diagnostics;  service: ~/enable (std_srvs/SetBool).
+See docs/ros_node.md.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import TwistStamped
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.logging import get_logger
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from rcl_interfaces.msg import SetParametersResult
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Float64, String
+from std_srvs.srv import SetBool
+
+from openvla_ros.msg import EndEffectorAction
+
+from .diagnostics import REJECTED, Health, Stats, assess, build_status, percentile
+from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from .params import SPECS, NodeConfig, ParameterError, declare_and_read, validate
+from .safety import (Instruction, SafetyError, check_instruction_text, image_too_old, instruction_stale,
+                     make_safe_action)
+
+NODE_NAME = "openvla_node"
+WORKER_JOIN_TIMEOUT_S = 60.0  # one inference of the 7B model is well below this
+
+
+@dataclass(frozen=True)
+class Frame:
+    msg: object  # sensor_msgs/Image or CompressedImage
+    compressed: bool
+    stamp_ns: int
+
+
+def stamp_to_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def default_policy_loader(cfg: NodeConfig):
+    """Load the policy for `cfg` (imports the model package lazily: parameter errors are reported
+    before torch is imported)."""
+    from openvla_model import load_policy
+
+    kwargs = dict(backend=cfg.backend,
+                  device=None if cfg.device == "auto" else cfg.device,
+                  dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                  mesh_device=None if cfg.mesh_device == "auto" else cfg.mesh_device,
+                  center_crop=cfg.center_crop,
+                  default_unnorm_key=cfg.unnorm_key or None)
+    # The per-mesh precision profile goes to backends that accept it (the TT-NN backend).
+    if cfg.precision and "precision" in inspect.signature(load_policy).parameters:
+        kwargs["precision"] = dict(cfg.precision)
+    return load_policy(cfg.weights_path or None, **kwargs)
+
+
+class OpenVLANode(LifecycleNode):
+    def __init__(self, node_name: str = NODE_NAME, *, policy_loader=None, **kwargs):
+        super().__init__(node_name, **kwargs)
+        self.cfg: NodeConfig = declare_and_read(self)  # raises ParameterError
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._policy_loader = policy_loader or default_policy_loader
+        self.policy = None
+        self.policy_info: dict = {}
+        self.load_error = ""
+        self.stats = Stats()
+        # _out_lock orders everything that decides what reaches the robot: enable/disable,
+        # activation, instruction changes and publishing. After disable returns, nothing moves.
+        self._out_lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._pending: Frame | None = None
+        self._active = False
+        self._enabled = False
+        self._instruction: Instruction | None = None
+        self._instruction_generation = 0
+        self._sequence = 0
+        self._last_gripper: tuple[float, float] | None = None  # (after convention, raw)
+        self._last_frame_problem: str | None = None
+        self._worker: threading.Thread | None = None
+        self._worker_stop = threading.Event()
+        self._closed = False
+        self._subs: list = []
+        self._pub_action = self._pub_preview = self._pub_twist = self._pub_gripper = None
+
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_timer = self.create_timer(self.cfg.diagnostics_period_s, self._guard(self.publish_diagnostics))
+        self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
+        self.get_logger().info(
+            f"parameters ok: backend={self.cfg.backend} mesh_device={self.cfg.mesh_device} device={self.cfg.device} "
+            f"weights_path={self.cfg.weights_path or '(unset)'} image_transport={self.cfg.image_transport} "
+            f"inference_mode={self.cfg.inference_mode}")
+
+    # ------------------------------------------------------------------ helpers
+    def _guard(self, fn):
+        """Wrap a callback: nothing a message or a bug in one callback does may kill the node."""
+        def wrapped(*args):
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - logged and counted, never raised into the executor
+                self.stats.inc("callback_errors")
+                self.stats.error(f"{fn.__name__}: {type(e).__name__}: {e}")
+                self.get_logger().error(f"{fn.__name__} failed: {type(e).__name__}: {e}",
+                                        throttle_duration_sec=self.cfg.log_throttle_s)
+        wrapped.__name__ = fn.__name__
+        return wrapped
+
+    def _warn(self, message: str) -> None:
+        self.get_logger().warning(message, throttle_duration_sec=self.cfg.log_throttle_s)
+
+    def lifecycle_state(self) -> str:
+        try:
+            return str(self._state_machine.current_state[1])
+        except Exception:  # noqa: BLE001
+            return "unknown"
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _next_sequence(self) -> int:
+        seq = self._sequence
+        self._sequence = (self._sequence + 1) % (1 << 32)
+        return seq
+
+    # ------------------------------------------------------------------ parameters at runtime
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        try:
+            values = dict(self.cfg.values)
+            for p in parameters:
+                if p.name in SPECS:
+                    values[p.name] = p.value
+            new_cfg = validate(values)
+            if new_cfg.unnorm_key != self.cfg.unnorm_key and self.policy is not None:
+                keys = self.policy_info.get("unnorm_keys") or []
+                if new_cfg.unnorm_key and keys and new_cfg.unnorm_key not in keys:
+                    raise ParameterError([f"unnorm_key: {new_cfg.unnorm_key!r} is not in this checkpoint; "
+                                          f"valid keys: {', '.join(keys)}"])
+                if not new_cfg.unnorm_key and len(keys) > 1:
+                    raise ParameterError([f"unnorm_key: required, this checkpoint has {len(keys)} datasets: "
+                                          f"{', '.join(keys)}"])
+        except ParameterError as e:
+            self.get_logger().warning(f"parameter change refused: {e}")
+            return SetParametersResult(successful=False, reason=str(e))
+        except Exception as e:  # noqa: BLE001
+            return SetParametersResult(successful=False, reason=f"{type(e).__name__}: {e}")
+        self.cfg = new_cfg
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def autostart(self) -> bool:
+        """configure + activate when the autostart parameter is set. Returns True when active."""
+        if not self.cfg.autostart:
+            self.get_logger().info("autostart=false: waiting for lifecycle transitions (configure, activate)")
+            return False
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            return False
+        return self.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        cfg = self.cfg
+        self.get_logger().info(f"configuring: loading {cfg.backend} policy from {cfg.weights_path or '$OPENVLA_WEIGHTS'}")
+        self.load_error = ""
+        try:
+            policy = self._policy_loader(cfg)
+        except Exception as e:  # noqa: BLE001 - OpenVLAError carries the clear message; anything else too
+            self.load_error = str(e) or type(e).__name__
+            self.stats.error(self.load_error)
+            self.get_logger().error(f"configure failed: {self.load_error}. The node stays up, unconfigured, "
+                                    "reporting ERROR on /diagnostics; fix the parameters and restart (or "
+                                    "trigger configure again).")
+            return TransitionCallbackReturn.FAILURE
+        try:
+            info = dict(policy.describe())
+        except Exception as e:  # noqa: BLE001
+            info = {"describe_error": str(e)}
+        keys = info.get("unnorm_keys") or []
+        problem = None
+        if cfg.unnorm_key and keys and cfg.unnorm_key not in keys:
+            problem = f"unnorm_key {cfg.unnorm_key!r} is not in this checkpoint; valid keys: {', '.join(keys)}"
+        elif not cfg.unnorm_key and len(keys) > 1:
+            problem = (f"unnorm_key is required: this checkpoint has statistics for {len(keys)} datasets: "
+                       f"{', '.join(keys)}")
+        if problem:
+            policy.close()
+            self.load_error = problem
+            self.stats.error(problem)
+            self.get_logger().error(f"configure failed: {problem}")
+            return TransitionCallbackReturn.FAILURE
+        self.policy, self.policy_info = policy, info
+        self._create_topics()
+        if cfg.initial_instruction:
+            self._set_instruction_text(cfg.initial_instruction, source="initial_instruction parameter")
+        self.get_logger().info(f"configured in {getattr(policy, 'load_time_s', float('nan')):.2f} s: {info}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _create_topics(self) -> None:
+        cfg = self.cfg
+        out_qos = QoSProfile(depth=cfg.output_qos_depth, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.VOLATILE, history=HistoryPolicy.KEEP_LAST)
+        self._pub_action = self.create_publisher(EndEffectorAction, "action", out_qos)
+        self._pub_preview = self.create_publisher(EndEffectorAction, "action_preview", out_qos) \
+            if cfg.publish_preview else None
+        self._pub_twist = self.create_publisher(TwistStamped, "twist", out_qos) if cfg.publish_twist else None
+        self._pub_gripper = self.create_publisher(Float64, "gripper", out_qos) if cfg.publish_gripper else None
+        image_qos = QoSProfile(
+            depth=cfg.image_qos_depth, history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.VOLATILE,
+            reliability=ReliabilityPolicy.BEST_EFFORT if cfg.image_qos_reliability == "best_effort"
+            else ReliabilityPolicy.RELIABLE)
+        if cfg.image_transport == "compressed":
+            self._subs.append(self.create_subscription(
+                CompressedImage, "image/compressed", self._guard(self._on_compressed_image), image_qos))
+        else:
+            self._subs.append(self.create_subscription(Image, "image", self._guard(self._on_image), image_qos))
+        instr_qos = QoSProfile(
+            depth=cfg.instruction_qos_depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL if cfg.instruction_qos_durability == "transient_local"
+            else DurabilityPolicy.VOLATILE)
+        self._subs.append(self.create_subscription(String, "instruction", self._guard(self._on_instruction),
+                                                   instr_qos))
+
+    def _destroy_topics(self) -> None:
+        for sub in self._subs:
+            self.destroy_subscription(sub)
+        self._subs = []
+        for name in ("_pub_action", "_pub_preview", "_pub_twist", "_pub_gripper"):
+            pub = getattr(self, name)
+            if pub is not None:
+                self.destroy_publisher(pub)
+            setattr(self, name, None)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        with self._out_lock:
+            self._active = True
+            self._enabled = self.cfg.start_enabled
+        self._start_worker()
+        if self._enabled:
+            self.get_logger().info("active: motion output ENABLED (actions on `action`)")
+        else:
+            self.get_logger().info("active: motion output DISABLED (dry run: actions on `action_preview` only); "
+                                   "call ~/enable with true to publish on `action`")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_motion_and_worker(self, reason: str) -> None:
+        with self._out_lock:
+            if self._active and self._enabled:
+                self._publish_stop(reason)
+            self._active = False
+            self._enabled = False
+        with self._cond:
+            self._pending = None
+        self._stop_worker()
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_motion_and_worker("deactivated")
+        self.get_logger().info("inactive: no inference, nothing published")
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release(self) -> None:
+        self._destroy_topics()
+        if self.policy is not None:
+            try:
+                self.policy.close()
+                self.get_logger().info("policy closed (device released)")
+            except Exception as e:  # noqa: BLE001
+                self.get_logger().error(f"policy.close() failed: {e}")
+            self.policy = None
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_motion_and_worker("shutting down")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_motion_and_worker("error")
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        """Orderly end (SIGINT/SIGTERM, tests): zero-motion if enabled, worker stopped, policy closed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.lifecycle_state() in ("unconfigured", "inactive", "active"):
+                self.trigger_shutdown()
+        except Exception as e:  # noqa: BLE001
+            self.get_logger().warning(f"lifecycle shutdown failed ({e}); releasing directly")
+        self._stop_motion_and_worker("closing")
+        self._release()
+
+    def destroy_node(self):
+        self.close()
+        return super().destroy_node()
+
+    # ------------------------------------------------------------------ inputs (executor thread)
+    def _on_image(self, msg: Image) -> None:
+        self._hand_over(Frame(msg, False, stamp_to_ns(msg.header.stamp)))
+
+    def _on_compressed_image(self, msg: CompressedImage) -> None:
+        self._hand_over(Frame(msg, True, stamp_to_ns(msg.header.stamp)))
+
+    def _hand_over(self, frame: Frame) -> None:
+        if not self._active:
+            return
+        self.stats.inc("frames_received")
+        self.stats.last_image_monotonic = time.monotonic()
+        with self._cond:
+            if self._pending is not None:
+                self.stats.inc("frames_dropped")
+            self._pending = frame
+            self._cond.notify()
+
+    def _on_instruction(self, msg: String) -> None:
+        self.stats.inc("instructions_received")
+        self._set_instruction_text(msg.data, source="instruction topic")
+
+    def _set_instruction_text(self, text, source: str) -> None:
+        try:
+            cleaned = check_instruction_text(text, self.cfg.max_instruction_chars)
+        except SafetyError as e:
+            with self._out_lock:
+                self._instruction_generation += 1
+                self._instruction = None
+            self.stats.inc("instructions_rejected")
+            self._warn(f"instruction refused ({e}); current instruction cleared: no actions until a valid one arrives")
+            return
+        with self._out_lock:
+            if self._instruction is not None and self._instruction.text == cleaned:
+                # Same text again: refresh its age, keep results in flight valid.
+                self._instruction = Instruction(cleaned, self._now_ns(), self._instruction_generation)
+                return
+            self._instruction_generation += 1
+            self._instruction = Instruction(cleaned, self._now_ns(), self._instruction_generation)
+        self.get_logger().info(f"instruction ({source}): {cleaned[:200]!r}")
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        try:
+            with self._out_lock:
+                if request.data:
+                    if not self._active:
+                        why = f"policy not loaded: {self.load_error}" if self.load_error else \
+                            f"lifecycle state is {self.lifecycle_state()}"
+                        response.success, response.message = False, f"cannot enable motion: {why}"
+                    else:
+                        self._enabled = True
+                        response.success, response.message = True, "motion enabled"
+                else:
+                    self._enabled = False
+                    if self._active:
+                        self._publish_stop("disabled via ~/enable")
+                    response.success, response.message = True, "motion disabled; zero-motion action published"
+            self.get_logger().info(f"~/enable {request.data}: {response.message}")
+        except Exception as e:  # noqa: BLE001
+            self.stats.inc("callback_errors")
+            response.success, response.message = False, f"{type(e).__name__}: {e}"
+        return response
+
+    # ------------------------------------------------------------------ worker
+    def _start_worker(self) -> None:
+        self._stop_worker()
+        self._worker_stop = threading.Event()
+        self._worker = threading.Thread(target=self._worker_loop, args=(self._worker_stop,),
+                                        name="openvla_inference", daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        self._worker_stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if worker is not threading.current_thread():
+            worker.join(WORKER_JOIN_TIMEOUT_S)
+            if worker.is_alive():
+                self.get_logger().error("inference worker did not stop in time")
+        self._worker = None
+
+    def _worker_loop(self, stop: threading.Event) -> None:
+        last_start = -math.inf
+        while not stop.is_set():
+            with self._cond:
+                while self._pending is None and not stop.is_set():
+                    self._cond.wait(0.5)
+                # fixed_rate: do not start before the period is over; newer frames keep replacing the pending one
+                while not stop.is_set():
+                    wait = last_start + self.cfg.min_inference_period_s - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                frame, self._pending = self._pending, None
+            if frame is None or stop.is_set():
+                continue
+            last_start = time.monotonic()
+            try:
+                self._process(frame)
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything
+                self.stats.inc("inference_errors")
+                self.stats.error(f"{type(e).__name__}: {e}", failure=True)
+                self.get_logger().error(f"unexpected error while processing a frame: {type(e).__name__}: {e}",
+                                        throttle_duration_sec=self.cfg.log_throttle_s)
+
+    def _process(self, frame: Frame) -> None:
+        from openvla_model import InputError
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        policy = self.policy
+        if policy is None or not self._active:
+            return
+        with self._out_lock:
+            instr = self._instruction
+        problem = instruction_stale(instr, self._now_ns(), cfg.max_instruction_age_s)
+        if problem:
+            self.stats.inc("rejected_no_instruction" if problem == "no instruction" else "rejected_stale_instruction")
+            if problem != "no instruction":
+                self._warn(f"not acting: {problem}")
+            return
+        reason = image_too_old(frame.stamp_ns, self._now_ns(), cfg.max_image_age_s)
+        if reason:
+            self._reject("rejected_stale_image", f"frame not acted on: {reason}")
+            return
+        try:
+            rgb = compressed_msg_to_rgb(frame.msg, cfg.max_image_pixels) if frame.compressed \
+                else image_msg_to_rgb(frame.msg, cfg.max_image_pixels)
+        except ImageConversionError as e:
+            self._reject("rejected_bad_image", f"bad image: {e}")
+            return
+        self.stats.inc("frames_processed")
+        t1 = time.perf_counter()
+        try:
+            result = policy.predict(rgb, instr.text, cfg.unnorm_key or None)
+        except InputError as e:
+            self._reject("rejected_bad_input", f"input refused by the model: {e}")
+            return
+        except Exception as e:  # noqa: BLE001 - BackendError and anything else: counted, reported, survived
+            self.stats.inc("inference_errors")
+            self.stats.error(f"inference failed: {type(e).__name__}: {e}", failure=True)
+            self.get_logger().error(f"inference failed: {type(e).__name__}: {e}",
+                                    throttle_duration_sec=cfg.log_throttle_s)
+            return
+        t2 = time.perf_counter()
+        model_ms = float(result.timings_ms.get("total", (t2 - t1) * 1e3))
+        with self._out_lock:
+            seq = self._next_sequence()
+        if not result.valid:
+            bad = [int(t) for t, o in zip(result.tokens, result.out_of_range) if o]
+            self._reject("rejected_invalid_result",
+                         f"invalid model output (sequence {seq}): out-of-range tokens {bad}, "
+                         f"action {[round(float(v), 5) for v in result.action]}")
+            return
+        try:
+            safe = make_safe_action(result.action, cfg.limits, cfg.gripper)
+        except SafetyError as e:
+            self._reject("rejected_invalid_result", f"invalid model output (sequence {seq}): {e}")
+            return
+        msg = EndEffectorAction()
+        msg.header.stamp = frame.msg.header.stamp
+        msg.header.frame_id = cfg.action_frame
+        msg.delta_position.x, msg.delta_position.y, msg.delta_position.z = safe.delta_position
+        msg.delta_orientation.x, msg.delta_orientation.y, msg.delta_orientation.z = safe.delta_orientation
+        msg.gripper, msg.gripper_raw = float(safe.gripper), float(safe.gripper_raw)
+        msg.normalized = [float(v) for v in result.normalized]
+        msg.unclipped = [float(v) for v in result.action]
+        msg.tokens = [int(t) for t in result.tokens]
+        msg.clipped = safe.clipped
+        msg.instruction = instr.text
+        msg.unnorm_key = str(result.unnorm_key)
+        msg.inference_ms = model_ms
+        msg.sequence = seq
+        with self._out_lock:
+            if not self._active:
+                return
+            if self._instruction is None or self._instruction.generation != instr.generation:
+                self._reject("rejected_stale_instruction",
+                             "result dropped: the instruction changed or was cleared during inference")
+                return
+            now_ns = self._now_ns()
+            reason = image_too_old(frame.stamp_ns, now_ns, cfg.max_image_age_s)
+            if reason:
+                self._reject("rejected_stale_image", f"result dropped before publishing: {reason}")
+                return
+            msg.latency_ms = (now_ns - frame.stamp_ns) * 1e-6
+            if self._enabled:
+                self._pub_action.publish(msg)
+                if self._pub_twist is not None:
+                    self._pub_twist.publish(self._twist(msg, cfg.action_period_s))
+                if self._pub_gripper is not None:
+                    self._pub_gripper.publish(Float64(data=float(safe.gripper)))
+                self._last_gripper = (float(safe.gripper), float(safe.gripper_raw))
+                self.stats.inc("actions_published")
+                self.stats.published(msg.latency_ms)
+            if self._pub_preview is not None:
+                self._pub_preview.publish(msg)
+                self.stats.inc("actions_previewed")
+            if safe.clipped:
+                self.stats.inc("actions_clipped")
+        self._last_frame_problem = None
+        self.stats.success(model_ms, (time.perf_counter() - t0) * 1e3 - model_ms)
+
+    def _reject(self, counter: str, message: str) -> None:
+        self.stats.inc(counter)
+        self._last_frame_problem = message
+        self._warn(message)
+
+    @staticmethod
+    def _twist(action: EndEffectorAction, period_s: float) -> TwistStamped:
+        tw = TwistStamped()
+        tw.header = action.header
+        tw.twist.linear.x = action.delta_position.x / period_s
+        tw.twist.linear.y = action.delta_position.y / period_s
+        tw.twist.linear.z = action.delta_position.z / period_s
+        # roll/pitch/yaw increments per period ~ angular velocity (small-angle approximation)
+        tw.twist.angular.x = action.delta_orientation.x / period_s
+        tw.twist.angular.y = action.delta_orientation.y / period_s
+        tw.twist.angular.z = action.delta_orientation.z / period_s
+        return tw
+
+    def _publish_stop(self, reason: str) -> None:
+        """One zero-motion action (and zero twist). Caller holds _out_lock. The gripper holds its
+        last commanded value (NaN if none was ever commanded); the empty normalized/unclipped/tokens
+        arrays mark it as not a model output."""
+        if self._pub_action is None:
+            return
+        msg = EndEffectorAction()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.frame_id = self.cfg.action_frame
+        gripper, raw = self._last_gripper if self._last_gripper else (math.nan, math.nan)
+        msg.gripper, msg.gripper_raw = gripper, raw
+        msg.unnorm_key = self.cfg.unnorm_key
+        msg.sequence = self._next_sequence()
+        self._pub_action.publish(msg)
+        if self._pub_twist is not None:
+            self._pub_twist.publish(self._twist(msg, self.cfg.action_period_s))
+        if self._pub_preview is not None:
+            self._pub_preview.publish(msg)
+        self.get_logger().info(f"zero-motion action published ({reason})")
+
+    # ------------------------------------------------------------------ diagnostics
+    def health(self) -> Health:
+        cfg = self.cfg
+        with self._out_lock:
+            instr = self._instruction
+        snap_failures = self.stats.consecutive_failures
+        last_img = self.stats.last_image_monotonic
+        since_rej = self.stats.snapshot()["last_rejection_age_s"]
+        return Health(
+            lifecycle_state=self.lifecycle_state(), load_error=self.load_error,
+            worker_alive=self._worker is not None and self._worker.is_alive(), enabled=self._enabled,
+            consecutive_failures=snap_failures, has_instruction=instr is not None,
+            instruction_problem=instruction_stale(instr, self._now_ns(), cfg.max_instruction_age_s),
+            seconds_since_image=(time.monotonic() - last_img) if last_img else None,
+            last_image_problem=self._last_frame_problem,
+            recent_rejection=since_rej is not None and since_rej <= max(cfg.diagnostics_period_s, 1.0),
+            max_image_age_s=cfg.max_image_age_s)
+
+    def diagnostic_values(self) -> dict:
+        cfg, snap, info = self.cfg, self.stats.snapshot(), self.policy_info
+        counts = snap["counts"]
+        with self._out_lock:
+            instr = self._instruction
+        values = {
+            "lifecycle_state": self.lifecycle_state(),
+            "motion_enabled": self._enabled,
+            "backend": info.get("backend", cfg.backend),
+            "mesh_device": info.get("mesh_device", cfg.mesh_device),
+            "device": info.get("device", cfg.device),
+            "dtype": info.get("dtype", cfg.dtype),
+            "weights_path": info.get("weights_path", cfg.weights_path),
+            "model_load_time_s": info.get("load_time_s", float("nan")),
+            "unnorm_key": cfg.unnorm_key,
+            "instruction": (instr.text[:120] if instr else ""),
+            "image_transport": cfg.image_transport,
+            "inference_mode": cfg.inference_mode,
+            "model_ms_p50": percentile(snap["model_ms"], 50),
+            "model_ms_p95": percentile(snap["model_ms"], 95),
+            "latency_ms_p50": percentile(snap["latency_ms"], 50),
+            "latency_ms_p95": percentile(snap["latency_ms"], 95),
+            "node_overhead_ms_p50": percentile(snap["overhead_ms"], 50),
+            "achieved_rate_hz": self.stats.achieved_rate_hz(),
+            **counts,
+            "rejected_total": sum(counts[c] for c in REJECTED),
+            "consecutive_failures": snap["consecutive_failures"],
+            "last_error": snap["last_error"],
+        }
+        return values
+
+    def publish_diagnostics(self) -> None:
+        level, message = assess(self.health())
+        values = self.diagnostic_values()
+        hw = f"{values['backend']}:{values['device'] if values['backend'] == 'torch' else values['mesh_device']}"
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [build_status(f"{self.get_fully_qualified_name()}: OpenVLA policy", hw, level, message, values)]
+        self._diag_pub.publish(arr)
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv=None) -> int:
+    args = sys.argv if argv is None else argv
+    # Our own signal handling: the node must publish its zero-motion action and close the device
+    # on SIGINT/SIGTERM, which needs the ROS context still alive (rclpy's handlers shut it down).
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # second signal: give up on the orderly path
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        node = OpenVLANode()
+    except ParameterError as e:
+        get_logger(NODE_NAME).error("invalid parameters:\n  " + "\n  ".join(e.problems))
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    code = 0
+    try:
+        node.autostart()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
+        node.get_logger().info("shutting down")
+    except Exception as e:  # noqa: BLE001
+        node.get_logger().error(f"fatal: {type(e).__name__}: {e}")
+        code = 1
+    finally:
+        node.close()
+        executor.remove_node(node)
+        node.destroy_node()
+        executor.shutdown(timeout_sec=1.0)
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

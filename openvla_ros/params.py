@@ -1,0 +1,294 @@
+"""Every parameter of openvla_node, declared in one place with descriptors and validated with
+clear errors (all problems at once, one line each).
+
+`declare_and_read(node)` declares the parameters on a node and returns a validated NodeConfig;
+`validate(values)` builds a NodeConfig from a plain dict (also used to vet runtime changes).
+Parameters marked read-only take effect at start (model, topics, QoS); the others may be changed
+at runtime with `ros2 param set` and are validated the same way.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .image_conversion import DEFAULT_MAX_PIXELS
+from .safety import GRIPPER_CONVENTIONS, GripperConfig, MotionLimits, SafetyError
+
+BACKENDS = ("ttnn", "torch")
+MESH_DEVICES = ("N300", "T3K", "auto")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+IMAGE_TRANSPORTS = ("raw", "compressed")
+RELIABILITIES = ("best_effort", "reliable")
+DURABILITIES = ("volatile", "transient_local")
+INFERENCE_MODES = ("on_frame", "fixed_rate")
+
+# Per-mesh TT-NN precision profile (config/mesh/*.yaml). Empty = the backend's own default.
+PRECISION_DTYPES = ("", "bf16", "bfp8", "bfp4", "fp32")
+PRECISION_FIDELITIES = ("", "lofi", "hifi2", "hifi3", "hifi4")
+PRECISION_KEYS = {
+    "precision.wqkv_dtype": PRECISION_DTYPES,
+    "precision.wo_dtype": PRECISION_DTYPES,
+    "precision.kv_cache_dtype": PRECISION_DTYPES,
+    "precision.activation_dtype": PRECISION_DTYPES,
+    "precision.ffn_weight_dtype": PRECISION_DTYPES,
+    "precision.lm_head_logits_dtype": PRECISION_DTYPES,
+    "precision.qkv_math_fidelity": PRECISION_FIDELITIES,
+    "precision.sdpa_math_fidelity": PRECISION_FIDELITIES,
+    "precision.wo_math_fidelity": PRECISION_FIDELITIES,
+    "precision.ffn_math_fidelity": PRECISION_FIDELITIES,
+}
+
+
+class ParameterError(ValueError):
+    """Invalid parameters; str() lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Spec:
+    default: Any
+    description: str
+    read_only: bool = True
+    choices: tuple | None = None
+    check: Callable[[Any], str | None] | None = None  # returns a problem or None
+    number: bool = False  # float / float array: integers are accepted too
+
+
+def _positive(v):
+    return None if _is_num(v) and math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def _non_negative(v):
+    return None if _is_num(v) and math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def _int_at_least(n):
+    def check(v):
+        return None if isinstance(v, int) and not isinstance(v, bool) and v >= n else f"must be an integer >= {n}"
+    return check
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _device(v):
+    if v in ("auto", "cpu", "cuda") or (isinstance(v, str) and v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return "must be auto, cpu, cuda or cuda:N"
+
+
+def _unit_interval(v):
+    return None if _is_num(v) and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
+
+
+SPECS: dict[str, Spec] = {
+    # -- model (read at configure) --
+    "backend": Spec("ttnn", "Inference backend: ttnn (Tenstorrent N300/T3K) or torch (CPU/CUDA).", choices=BACKENDS),
+    "mesh_device": Spec("auto", "TT-NN mesh: N300, T3K, or auto ($MESH_DEVICE / what is attached). "
+                        "The launch file also loads config/mesh/<mesh>.yaml.", choices=MESH_DEVICES),
+    "device": Spec("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N.", check=_device),
+    "dtype": Spec("auto", "torch dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
+                  choices=DTYPES),
+    "weights_path": Spec(os.environ.get("OPENVLA_WEIGHTS", ""),
+                         "Checkpoint directory in the HF openvla-7b layout (default: $OPENVLA_WEIGHTS)."),
+    "unnorm_key": Spec("", "Dataset statistics key used to un-normalise actions (e.g. bridge_orig). Required when "
+                       "the checkpoint has several datasets.", read_only=False),
+    "center_crop": Spec(False, "Central 90% crop before resizing (only for LIBERO fine-tunes)."),
+    **{k: Spec("", f"TT-NN precision profile entry ({', '.join(c for c in v if c)}; empty = backend default). "
+               "Set per mesh in config/mesh/*.yaml.", choices=v) for k, v in PRECISION_KEYS.items()},
+    # -- inputs --
+    "image_transport": Spec("raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
+                            "`image/compressed` (sensor_msgs/CompressedImage).", choices=IMAGE_TRANSPORTS),
+    "image_qos_reliability": Spec("best_effort", "Image subscription reliability (sensor-data QoS: best_effort).",
+                                  choices=RELIABILITIES),
+    "image_qos_depth": Spec(1, "Image subscription queue depth (keep 1: only the newest frame matters).",
+                            check=_int_at_least(1)),
+    "instruction_qos_durability": Spec("volatile", "Instruction subscription durability: volatile (plain "
+                                       "`ros2 topic pub` works) or transient_local (receive a latched instruction).",
+                                       choices=DURABILITIES),
+    "instruction_qos_depth": Spec(1, "Instruction subscription queue depth (reliable).", check=_int_at_least(1)),
+    "initial_instruction": Spec("", "Instruction to act on before any arrives on `instruction` (empty = none)."),
+    "max_instruction_chars": Spec(1000, "Longer instructions are refused (and clear the current one).",
+                                  read_only=False, check=_int_at_least(1)),
+    "max_image_pixels": Spec(DEFAULT_MAX_PIXELS, "Larger images are refused before their data is read.",
+                             read_only=False, check=_int_at_least(1)),
+    # -- scheduling --
+    "inference_mode": Spec("on_frame", "on_frame: infer on every newest frame as fast as the model allows; "
+                           "fixed_rate: at most control_rate_hz inferences per second.", choices=INFERENCE_MODES),
+    "control_rate_hz": Spec(5.0, "Inference rate in fixed_rate mode, Hz.", check=_positive, number=True),
+    # -- safety --
+    "start_enabled": Spec(False, "Publish motion on `action`/`twist`/`gripper` right after activation. false = dry run "
+                          "(actions only on `action_preview`) until ~/enable is called with true."),
+    "max_image_age_s": Spec(1.0, "Images older than this (image stamp vs node clock) are never acted on, s.",
+                            read_only=False, check=_positive, number=True),
+    "max_instruction_age_s": Spec(0.0, "Instructions older than this are stale and not acted on, s (0 = never "
+                                  "expire).", read_only=False, check=_non_negative, number=True),
+    "max_delta_position_m": Spec([0.05, 0.05, 0.05], "Per-axis clip |dx|,|dy|,|dz| <= limit, metres.",
+                                 read_only=False, number=True),
+    "max_delta_orientation_rad": Spec([0.25, 0.25, 0.25], "Per-axis clip |droll|,|dpitch|,|dyaw| <= limit, radians.",
+                                      read_only=False, number=True),
+    "gripper_convention": Spec("unit", "raw | unit ([0,1]) | inverted (1-unit) | binary | binary_inverted "
+                               "(see docs/ros_node.md).", read_only=False, choices=GRIPPER_CONVENTIONS),
+    "gripper_raw_range": Spec([0.0, 1.0], "Range [lo, hi] of the model's gripper value mapped onto [0, 1].",
+                              read_only=False, number=True),
+    "gripper_threshold": Spec(0.5, "binary conventions: unit value >= threshold -> 1.", read_only=False,
+                              check=_unit_interval, number=True),
+    # -- outputs --
+    "action_frame": Spec("base_link", "header.frame_id of published actions: the frame the dataset's deltas are "
+                         "expressed in.", read_only=False, check=lambda v: None if v.strip() else "must not be empty"),
+    "action_period_s": Spec(0.2, "Control period one action spans, s (twist = delta / action_period_s).",
+                            read_only=False, check=_positive, number=True),
+    "publish_twist": Spec(False, "Also publish `twist` (geometry_msgs/TwistStamped)."),
+    "publish_gripper": Spec(False, "Also publish `gripper` (std_msgs/Float64)."),
+    "publish_preview": Spec(True, "Publish every action that passed the safety checks on `action_preview`, "
+                            "enabled or not (for dry runs)."),
+    "output_qos_depth": Spec(10, "Queue depth of action/twist/gripper publishers (reliable).",
+                             check=_int_at_least(1)),
+    # -- lifecycle and status --
+    "autostart": Spec(True, "Configure (load the model) and activate at start, so plain `ros2 run` works."),
+    "diagnostics_period_s": Spec(1.0, "Period of /diagnostics messages, s.", check=_positive, number=True),
+    "log_throttle_s": Spec(5.0, "Minimum interval between repeated warnings of one kind, s.", read_only=False,
+                           check=_positive, number=True),
+}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    backend: str
+    mesh_device: str
+    device: str
+    dtype: str
+    weights_path: str
+    unnorm_key: str
+    center_crop: bool
+    precision: dict
+    image_transport: str
+    image_qos_reliability: str
+    image_qos_depth: int
+    instruction_qos_durability: str
+    instruction_qos_depth: int
+    initial_instruction: str
+    max_instruction_chars: int
+    max_image_pixels: int
+    inference_mode: str
+    control_rate_hz: float
+    start_enabled: bool
+    max_image_age_s: float
+    max_instruction_age_s: float
+    limits: MotionLimits
+    gripper: GripperConfig
+    action_frame: str
+    action_period_s: float
+    publish_twist: bool
+    publish_gripper: bool
+    publish_preview: bool
+    output_qos_depth: int
+    autostart: bool
+    diagnostics_period_s: float
+    log_throttle_s: float
+    values: dict = field(repr=False, default_factory=dict)  # the raw parameter values
+
+    @property
+    def min_inference_period_s(self) -> float:
+        return 1.0 / self.control_rate_hz if self.inference_mode == "fixed_rate" else 0.0
+
+
+def _type_problem(name: str, spec: Spec, value) -> str | None:
+    d = spec.default
+    if spec.number:
+        if isinstance(d, list):
+            if not isinstance(value, (list, tuple)) or not all(_is_num(v) for v in value):
+                return f"{name}: expected a list of numbers like {d}, got {value!r}"
+        elif not _is_num(value):
+            return f"{name}: expected a number, got {value!r}"
+        return None
+    if isinstance(d, bool):
+        return None if isinstance(value, bool) else f"{name}: expected true or false, got {value!r}"
+    if isinstance(d, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"{name}: expected an integer, got {value!r}"
+    if isinstance(d, str):
+        return None if isinstance(value, str) else f"{name}: expected a string, got {value!r} (quote it)"
+    return None
+
+
+def validate(values: dict) -> NodeConfig:
+    """Build a NodeConfig from parameter values; raise ParameterError listing every problem."""
+    problems: list[str] = []
+    v = {}
+    for name, spec in SPECS.items():
+        value = values.get(name, spec.default)
+        p = _type_problem(name, spec, value)
+        if p is None and spec.choices is not None and value not in spec.choices:
+            shown = ", ".join(repr(c) if c == "" else str(c) for c in spec.choices)
+            p = f"{name}: {value!r} is not one of: {shown}"
+        if p is None and spec.check is not None:
+            msg = spec.check(value)
+            p = f"{name}: {msg}, got {value!r}" if msg else None
+        if p:
+            problems.append(p)
+        v[name] = [float(x) for x in value] if (spec.number and isinstance(value, (list, tuple))) else \
+            (float(value) if spec.number and _is_num(value) else value)
+    limits = gripper = None
+    if not any(p.startswith(("max_delta_position_m", "max_delta_orientation_rad")) for p in problems):
+        try:
+            limits = MotionLimits(tuple(v["max_delta_position_m"]), tuple(v["max_delta_orientation_rad"]))
+        except SafetyError as e:
+            problems.append(str(e))
+    if not any(p.startswith(("gripper_",)) for p in problems):
+        try:
+            gripper = GripperConfig(v["gripper_convention"], tuple(v["gripper_raw_range"]), v["gripper_threshold"])
+        except SafetyError as e:
+            problems.append(str(e))
+    if problems:
+        raise ParameterError(problems)
+    precision = {k.split(".", 1)[1]: v[k] for k in PRECISION_KEYS if v[k]}
+    return NodeConfig(
+        backend=v["backend"], mesh_device=v["mesh_device"], device=v["device"], dtype=v["dtype"],
+        weights_path=v["weights_path"].strip(), unnorm_key=v["unnorm_key"].strip(), center_crop=v["center_crop"],
+        precision=precision, image_transport=v["image_transport"],
+        image_qos_reliability=v["image_qos_reliability"], image_qos_depth=v["image_qos_depth"],
+        instruction_qos_durability=v["instruction_qos_durability"], instruction_qos_depth=v["instruction_qos_depth"],
+        initial_instruction=v["initial_instruction"], max_instruction_chars=v["max_instruction_chars"],
+        max_image_pixels=v["max_image_pixels"], inference_mode=v["inference_mode"],
+        control_rate_hz=v["control_rate_hz"], start_enabled=v["start_enabled"],
+        max_image_age_s=v["max_image_age_s"], max_instruction_age_s=v["max_instruction_age_s"],
+        limits=limits, gripper=gripper, action_frame=v["action_frame"].strip(),
+        action_period_s=v["action_period_s"], publish_twist=v["publish_twist"],
+        publish_gripper=v["publish_gripper"], publish_preview=v["publish_preview"],
+        output_qos_depth=v["output_qos_depth"], autostart=v["autostart"],
+        diagnostics_period_s=v["diagnostics_period_s"], log_throttle_s=v["log_throttle_s"], values=dict(values))
+
+
+def descriptor(name: str, spec: Spec):
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    constraints = f"one of: {', '.join(c for c in spec.choices if c) or '(empty)'}" if spec.choices else ""
+    if spec.number:
+        constraints = (constraints + "; " if constraints else "") + "integers are accepted"
+    return ParameterDescriptor(name=name, description=spec.description, additional_constraints=constraints,
+                               read_only=spec.read_only, dynamic_typing=spec.number)
+
+
+def declare_and_read(node) -> NodeConfig:
+    """Declare every parameter on `node` and return the validated configuration.
+    Raises ParameterError (all problems at once) for wrong types or values."""
+    from rclpy.exceptions import ParameterException
+
+    problems = []
+    for name, spec in SPECS.items():
+        try:
+            node.declare_parameter(name, spec.default, descriptor(name, spec))
+        except ParameterException as e:  # wrong type given as an override
+            got = getattr(e, "args", [None])
+            problems.append(f"{name}: wrong type ({got[0] if got else e}); expected like {spec.default!r}")
+    if problems:
+        raise ParameterError(problems)
+    values = {name: node.get_parameter(name).value for name in SPECS}
+    return validate(values)

@@ -1,0 +1,801 @@
+"""openvla_node over real DDS (loopback profile, run-unique domain).
+
+- The node as a separate process (`python -m openvla_ros.node`, tiny model, CPU): actions flow
+  with the image stamp, every bad input is counted and never acted on, 200 frames pushed fast
+  leave no backlog, ~/enable, SIGTERM/SIGINT shutdown, ttnn unavailable -> up with ERROR,
+  invalid parameters -> exit 2 with a clear message.
+- The node in this process on an executor thread: compressed images, no / stale instruction,
+  clipping and runtime parameters, invalid model results, lifecycle, fixed_rate, params files.
+- Parameter validation and diagnostics levels as plain functions.
+One node process is reused across the checks that can share it (2-core CI machine).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, requires_ros, ros_available
+
+INSTRUCTION = "pick up the red cup"
+TOKEN_MIN, TOKEN_MAX = 31744, 31999
+
+
+# ---------------------------------------------------------------------------------------------
+# plain functions: parameters and diagnostics levels
+# ---------------------------------------------------------------------------------------------
+def test_default_parameters_are_valid_and_safe():
+    from openvla_ros.params import SPECS, validate
+
+    cfg = validate({})
+    assert cfg.backend == "ttnn" and cfg.mesh_device == "auto"
+    assert cfg.start_enabled is False  # motion needs an explicit ~/enable
+    assert cfg.max_image_age_s > 0 and cfg.limits.as_array().max() <= 0.25
+    assert all(spec.description for spec in SPECS.values())
+
+
+def test_invalid_parameters_are_all_reported_at_once():
+    from openvla_ros.params import ParameterError, validate
+
+    with pytest.raises(ParameterError) as e:
+        validate({"backend": "tensorrt", "mesh_device": "TG", "device": "tpu", "image_transport": "theora",
+                  "max_image_age_s": 0.0, "control_rate_hz": -1.0, "max_delta_position_m": [0.1, -0.1, 0.1],
+                  "gripper_convention": "open_close", "image_qos_depth": 0, "precision.ffn_weight_dtype": "int4",
+                  "max_instruction_age_s": "soon"})
+    text = str(e.value)
+    for name in ("backend", "mesh_device", "device", "image_transport", "max_image_age_s", "control_rate_hz",
+                 "max_delta_position_m", "gripper_convention", "image_qos_depth", "precision.ffn_weight_dtype",
+                 "max_instruction_age_s"):
+        assert name in text, name
+    assert "'tensorrt' is not one of: ttnn, torch" in text
+    assert len(e.value.problems) == 11
+
+
+def test_integers_are_accepted_for_float_parameters():
+    from openvla_ros.params import validate
+
+    cfg = validate({"max_image_age_s": 2, "max_delta_position_m": [1, 1, 1], "control_rate_hz": 10})
+    assert cfg.max_image_age_s == 2.0 and isinstance(cfg.max_image_age_s, float)
+    assert cfg.limits.max_delta_position_m == (1.0, 1.0, 1.0)
+
+
+def test_mesh_precision_profiles_match_the_spec():
+    import yaml
+
+    from openvla_ros.params import validate
+
+    def load(name):
+        return yaml.safe_load((ROOT / "config" / "mesh" / name).read_text())["/**"]["ros__parameters"]
+
+    n300, t3k = load("N300.yaml"), load("T3K.yaml")
+    assert n300["mesh_device"] == "N300" and t3k["mesh_device"] == "T3K"
+    p = n300["precision"]
+    assert [p[k] for k in ("wqkv_dtype", "wo_dtype", "kv_cache_dtype", "activation_dtype")] == ["bf16"] * 4
+    assert [p[k] for k in ("qkv_math_fidelity", "sdpa_math_fidelity", "wo_math_fidelity")] == ["hifi4"] * 3
+    assert (p["ffn_weight_dtype"], p["ffn_math_fidelity"]) == ("bfp8", "hifi2")
+    q = t3k["precision"]
+    assert {v for k, v in q.items() if k.endswith("_dtype")} == {"bf16"}
+    assert {v for k, v in q.items() if k.endswith("_fidelity")} == {"hifi4"}
+    assert p["lm_head_logits_dtype"] == q["lm_head_logits_dtype"] == "bf16"
+    for prof in (n300, t3k):  # every name is a declared parameter with a valid value
+        cfg = validate({"mesh_device": prof["mesh_device"], **{f"precision.{k}": v for k, v in prof["precision"].items()}})
+        assert cfg.precision == prof["precision"]
+
+
+def test_default_params_file_is_valid():
+    import yaml
+
+    from openvla_ros.params import SPECS, validate
+
+    values = yaml.safe_load((ROOT / "config" / "openvla.yaml").read_text())["/**"]["ros__parameters"]
+    assert set(values) <= set(SPECS), set(values) - set(SPECS)
+    assert "weights_path" not in values  # must not override $OPENVLA_WEIGHTS
+    validate(values)
+
+
+def test_diagnostics_levels():
+    from openvla_ros.diagnostics import ERROR, OK, WARN, Health, assess
+
+    base = dict(lifecycle_state="active", load_error="", worker_alive=True, enabled=True, consecutive_failures=0,
+                has_instruction=True, instruction_problem=None, seconds_since_image=0.1, last_image_problem=None,
+                recent_rejection=False, max_image_age_s=1.0)
+
+    def level(**kw):
+        return assess(Health(**{**base, **kw}))
+
+    assert level() == (OK, "running")
+    assert level(load_error="backend 'ttnn' is not available")[0] == ERROR
+    assert level(worker_alive=False)[0] == ERROR
+    assert level(consecutive_failures=3)[0] == ERROR
+    assert level(lifecycle_state="inactive")[0] == WARN
+    assert level(seconds_since_image=None)[0] == WARN
+    assert level(seconds_since_image=5.0)[0] == WARN
+    assert level(last_image_problem="image is 3 s old")[0] == WARN
+    assert level(instruction_problem="instruction is 30 s old")[0] == WARN
+    assert level(recent_rejection=True)[0] == WARN
+    assert level(instruction_problem="no instruction") == (OK, "idle: waiting for an instruction")
+    assert level(enabled=False)[0] == OK and "DISABLED" in level(enabled=False)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# ROS helpers
+# ---------------------------------------------------------------------------------------------
+def wait_until(pred, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return pred()
+
+
+def stamp_key(stamp) -> tuple[int, int]:
+    return int(stamp.sec), int(stamp.nanosec)
+
+
+class Harness:
+    """Test-side node for one namespace: publishes images/instructions, records every output."""
+
+    def __init__(self, executor, namespace: str, node_name: str, compressed: bool = False):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import TwistStamped
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, qos_profile_sensor_data
+        from sensor_msgs.msg import CompressedImage, Image
+        from std_msgs.msg import Float64, String
+        from std_srvs.srv import SetBool
+
+        from openvla_ros.msg import EndEffectorAction
+
+        self.namespace, self.node_name = namespace, node_name
+        self.diag_name = f"{namespace}/{node_name}: OpenVLA policy"
+        self.node = Node(f"harness_{node_name}", namespace=namespace)
+        self.lock = threading.Lock()
+        self.actions, self.previews, self.twists, self.grippers = [], [], [], []
+        self.diag: dict | None = None
+        rec = lambda store: (lambda m: self._append(store, m))  # noqa: E731
+        out_qos = QoSProfile(depth=100)
+        self.node.create_subscription(EndEffectorAction, "action", rec(self.actions), out_qos)
+        self.node.create_subscription(EndEffectorAction, "action_preview", rec(self.previews), out_qos)
+        self.node.create_subscription(TwistStamped, "twist", rec(self.twists), out_qos)
+        self.node.create_subscription(Float64, "gripper", rec(self.grippers), out_qos)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, out_qos)
+        self.image_pub = self.node.create_publisher(CompressedImage if compressed else Image,
+                                                    "image/compressed" if compressed else "image",
+                                                    qos_profile_sensor_data)
+        self.instruction_pub = self.node.create_publisher(String, "instruction", QoSProfile(depth=10))
+        self.enable_client = self.node.create_client(SetBool, f"{namespace}/{node_name}/enable")
+        self._String, self._SetBool = String, SetBool
+        executor.add_node(self.node)
+        self.executor = executor
+
+    def _append(self, store, msg):
+        with self.lock:
+            store.append((time.monotonic(), msg))
+
+    def _on_diag(self, arr):
+        from openvla_ros.diagnostics import status_to_dict
+
+        for st in arr.status:
+            if st.name == self.diag_name:
+                with self.lock:
+                    self.diag = status_to_dict(st)
+
+    def close(self):
+        self.executor.remove_node(self.node)
+        self.node.destroy_node()
+
+    # -- inputs
+    def now(self):
+        return self.node.get_clock().now().to_msg()
+
+    def wait_connected(self, timeout=20.0):
+        ok = wait_until(lambda: self.image_pub.get_subscription_count() > 0
+                        and self.instruction_pub.get_subscription_count() > 0, timeout)
+        assert ok, f"node in {self.namespace} never subscribed to image/instruction"
+
+    def send_instruction(self, text: str):
+        self.instruction_pub.publish(self._String(data=text))
+
+    def send_image(self, msg, stamp=None):
+        msg.header.stamp = stamp if stamp is not None else self.now()
+        self.image_pub.publish(msg)
+        return stamp_key(msg.header.stamp)
+
+    def set_enabled(self, value: bool, timeout=10.0):
+        assert self.enable_client.wait_for_service(timeout_sec=timeout), "~/enable service not available"
+        fut = self.enable_client.call_async(self._SetBool.Request(data=value))
+        assert wait_until(fut.done, timeout), "~/enable call timed out"
+        return fut.result()
+
+    # -- outputs
+    def action_stamps(self, store=None):
+        with self.lock:
+            return {stamp_key(m.header.stamp) for _, m in (store if store is not None else self.actions)}
+
+    def action_for(self, key, timeout=10.0, store=None):
+        store = self.actions if store is None else store
+
+        def find():
+            with self.lock:
+                return next((m for _, m in store if stamp_key(m.header.stamp) == key), None)
+        return wait_until(find, timeout)
+
+    def counts(self) -> dict:
+        with self.lock:
+            d = self.diag
+        return {k: int(v) for k, v in d["values"].items() if v.isdigit()} if d else {}
+
+    def wait_diag(self, pred, timeout=15.0):
+        def check():
+            with self.lock:
+                d = self.diag
+            return d if d is not None and pred(d) else None
+        return wait_until(check, timeout)
+
+    def wait_count(self, name: str, above: int, timeout=10.0) -> int:
+        ok = wait_until(lambda: self.counts().get(name, -1) > above, timeout)
+        assert ok, f"diagnostics counter {name} stayed at {self.counts().get(name)} (expected > {above})"
+        return self.counts()[name]
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """rclpy context + one executor spinning on a background thread for this module."""
+    available, reason = ros_available()
+    if not available:
+        pytest.skip(reason)
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    rclpy.init()
+    executor = SingleThreadedExecutor()
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    yield executor
+    executor.shutdown(timeout_sec=2.0)
+    rclpy.try_shutdown()
+    thread.join(5)
+
+
+def small_frame(seed: int, encoding="rgb8", h=96, w=128):
+    from openvla_model.synthetic import synthetic_rgb
+
+    from openvla_ros.image_conversion import rgb_to_image_msg
+
+    rgb = synthetic_rgb(seed=seed, height=h, width=w)
+    return rgb, rgb_to_image_msg(rgb, encoding, frame_id="camera")
+
+
+def node_cmd(namespace: str, name: str, *params: str) -> list[str]:
+    cmd = [sys.executable, "-m", "openvla_ros.node", "--ros-args", "-r", f"__ns:={namespace}", "-r", f"__node:={name}"]
+    for p in params:
+        cmd += ["-p", p]
+    return cmd
+
+
+class NodeProcess:
+    def __init__(self, cmd, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM, timeout=20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the node as a separate process
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def proc_node(ros, tiny_weights, tmp_path_factory):
+    cmd = node_cmd("/proc", "openvla_proc", "backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}",
+                   "unnorm_key:=bridge_orig", "start_enabled:=true", "publish_twist:=true", "publish_gripper:=true",
+                   "diagnostics_period_s:=0.1", "max_image_age_s:=3.0", "log_throttle_s:=0.2",
+                   "action_frame:=tool0", "action_period_s:=0.5")
+    node = NodeProcess(cmd, tmp_path_factory.mktemp("proc") / "node.log")
+    harness = Harness(ros, "/proc", "openvla_proc")
+    try:
+        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=60)
+        assert up, f"node process did not become active:\n{node.output()[-3000:]}"
+        harness.wait_connected()
+        yield node, harness
+    finally:
+        harness.close()
+        if node.proc.poll() is None:
+            node.stop(signal.SIGKILL)
+
+
+def _ensure_instruction(harness, text=INSTRUCTION):
+    harness.send_instruction(text)
+    assert harness.wait_diag(lambda d: d["values"].get("instruction") == text, timeout=10), \
+        "instruction never reached the node"
+
+
+@requires_ros
+def test_process_actions_carry_the_image_stamp_and_every_field(proc_node, tiny_policy, tiny_weights):
+    node, h = proc_node
+    _ensure_instruction(h)
+    sent = []
+    for seed in (11, 12):
+        rgb, msg = small_frame(seed)
+        sent.append((rgb, h.send_image(msg)))
+        assert h.action_for(sent[-1][1], timeout=10) is not None, f"no action for frame seed {seed}"
+    for rgb, key in sent:
+        a = h.action_for(key)
+        assert stamp_key(a.header.stamp) == key and a.header.frame_id == "tool0"
+        ref = tiny_policy.predict(rgb, INSTRUCTION, "bridge_orig")  # the ROS-free pipeline, same frame
+        assert list(a.tokens) == [int(t) for t in ref.tokens]
+        assert all(TOKEN_MIN <= t <= TOKEN_MAX for t in a.tokens)
+        np.testing.assert_allclose(a.unclipped, ref.action, atol=1e-5)
+        np.testing.assert_allclose(a.normalized, ref.normalized, atol=1e-6)
+        lim = np.array([0.05, 0.05, 0.05, 0.25, 0.25, 0.25])
+        expected = np.clip(np.asarray(a.unclipped[:6], np.float64), -lim, lim)
+        got = [a.delta_position.x, a.delta_position.y, a.delta_position.z,
+               a.delta_orientation.x, a.delta_orientation.y, a.delta_orientation.z]
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        assert a.clipped == bool(np.any(np.abs(np.asarray(a.unclipped[:6])) > lim))
+        assert a.gripper_raw == pytest.approx(a.unclipped[6]) and a.gripper == pytest.approx(
+            min(1.0, max(0.0, a.unclipped[6])))  # default `unit` convention
+        assert (a.instruction, a.unnorm_key) == (INSTRUCTION, "bridge_orig")
+        assert a.inference_ms > 0 and a.latency_ms >= a.inference_ms - 1.0
+        with h.lock:
+            twists = [m for _, m in h.twists if stamp_key(m.header.stamp) == key]
+            preview = [m for _, m in h.previews if stamp_key(m.header.stamp) == key]
+        assert len(twists) == 1 and len(preview) == 1 and preview[0].sequence == a.sequence
+        assert twists[0].twist.linear.x == pytest.approx(a.delta_position.x / 0.5)
+        assert twists[0].twist.angular.z == pytest.approx(a.delta_orientation.z / 0.5)
+    with h.lock:
+        grippers = [m.data for _, m in h.grippers]
+    assert h.action_for(sent[-1][1]).gripper == pytest.approx(grippers[-1])
+    d = h.diag["values"]
+    assert d["backend"] == "torch" and d["device"] == "cpu" and d["weights_path"] == str(tiny_weights)
+    assert float(d["model_ms_p50"]) > 0 and float(d["model_load_time_s"]) > 0
+
+
+@requires_ros
+def test_process_bad_inputs_are_counted_and_never_acted_on(proc_node):
+    from builtin_interfaces.msg import Time
+    from sensor_msgs.msg import CompressedImage, Image  # noqa: F401
+
+    node, h = proc_node
+    _ensure_instruction(h)
+
+    def raw(encoding, width, height, step, size):
+        m = Image()
+        m.encoding, m.width, m.height, m.step, m.data = encoding, width, height, step, b"\x07" * size
+        return m
+
+    bad_images = {
+        "16UC1": raw("16UC1", 8, 8, 16, 128),
+        "yuv422": raw("yuv422", 8, 8, 16, 128),
+        "zero size": raw("rgb8", 0, 0, 0, 0),
+        "step too small": raw("rgb8", 8, 8, 20, 160),
+        "truncated": raw("rgb8", 8, 8, 24, 100),
+        "huge": raw("rgb8", 200000, 200000, 600000, 64),
+    }
+    for what, msg in bad_images.items():
+        before = h.counts()["rejected_bad_image"]
+        key = h.send_image(msg)
+        h.wait_count("rejected_bad_image", before)
+        assert key not in h.action_stamps() | h.action_stamps(h.previews), what
+
+    _, good = small_frame(21)
+    now = h.node.get_clock().now().nanoseconds
+    stale_stamps = {"10 s old": now - 10_000_000_000, "zero stamp": 0, "10 s in the future": now + 10_000_000_000}
+    for what, ns in stale_stamps.items():
+        before = h.counts()["rejected_stale_image"]
+        key = h.send_image(good, Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000))
+        h.wait_count("rejected_stale_image", before)
+        assert key not in h.action_stamps() | h.action_stamps(h.previews), what
+    assert h.wait_diag(lambda d: d["level"] == 1 and "not acting" in d["message"], timeout=5)
+
+    for what, text in {"empty": "", "whitespace": "  \n ", "10 kB": "pick up the cup " * 640}.items():
+        before = h.counts()["instructions_rejected"]
+        h.send_instruction(text)
+        h.wait_count("instructions_rejected", before)
+        nothing_before = h.counts()["rejected_no_instruction"]
+        key = h.send_image(good)  # a perfectly good frame: still no action, the instruction was cleared
+        h.wait_count("rejected_no_instruction", nothing_before)
+        assert key not in h.action_stamps() | h.action_stamps(h.previews), what
+
+    _ensure_instruction(h)
+    key = h.send_image(good)
+    assert h.action_for(key, timeout=10) is not None, "node stopped acting after bad inputs"
+    assert node.proc.poll() is None
+    assert h.counts()["callback_errors"] == 0 and h.counts()["inference_errors"] == 0
+
+
+@requires_ros
+def test_process_200_frames_pushed_fast_leave_no_backlog(proc_node):
+    node, h = proc_node
+    _ensure_instruction(h)
+    time.sleep(0.3)  # let any earlier frame finish
+    before = h.counts()
+    frames = [small_frame(s)[1] for s in range(4)]
+    keys = []
+    for i in range(200):
+        keys.append(h.send_image(frames[i % 4]))
+        time.sleep(0.002)
+    last = h.action_for(keys[-1], timeout=10)
+    assert last is not None, "the newest frame was never processed"
+    n_actions = len(h.action_stamps() & set(keys))
+    # diagnostics lag a little behind the actions: wait until they account for every frame received
+    assert wait_until(lambda: _settled(h.counts()) and h.counts()["actions_published"]
+                      - before["actions_published"] == n_actions, 5), h.counts()
+    after = h.counts()
+    received = after["frames_received"] - before["frames_received"]
+    dropped = after["frames_dropped"] - before["frames_dropped"]
+    processed = after["frames_processed"] - before["frames_processed"]
+    published = after["actions_published"] - before["actions_published"]
+    assert 0 < received <= 200
+    assert dropped > received // 2, (received, dropped, processed)  # most frames replaced while busy
+    assert processed == received - dropped and published == processed
+    time.sleep(1.0)  # no backlog: nothing more arrives after the newest frame's action
+    assert len(h.action_stamps() & set(keys)) == n_actions
+    assert h.counts()["frames_processed"] == after["frames_processed"]
+
+
+def _settled(c: dict) -> bool:
+    """Every frame the node received was dropped, refused before inference, or inferred on."""
+    if not c:
+        return False
+    before_inference = sum(c[k] for k in ("rejected_stale_image", "rejected_bad_image", "rejected_no_instruction",
+                                           "rejected_stale_instruction"))
+    return c["frames_received"] == c["frames_dropped"] + before_inference + c["frames_processed"]
+
+
+@requires_ros
+def test_process_disable_publishes_one_zero_motion_action_then_nothing_until_enabled(proc_node):
+    node, h = proc_node
+    _ensure_instruction(h)
+    _, frame = small_frame(31)
+    assert h.action_for(h.send_image(frame)) is not None
+    t_disable = time.monotonic()
+    resp = h.set_enabled(False)
+    assert resp.success and "disabled" in resp.message
+    keys = []
+    for _ in range(8):
+        keys.append(h.send_image(frame))
+        time.sleep(0.12)
+    assert h.action_for(keys[-1], store=h.previews, timeout=10) is not None, "dry run: previews continue"
+    with h.lock:
+        after = [m for t, m in h.actions if t >= t_disable]
+        zero_twists = [m for t, m in h.twists if t >= t_disable]
+    assert len(after) == 1, f"expected exactly one (zero-motion) action after disable, got {len(after)}"
+    stop = after[0]
+    assert (stop.delta_position.x, stop.delta_position.y, stop.delta_position.z) == (0.0, 0.0, 0.0)
+    assert (stop.delta_orientation.x, stop.delta_orientation.y, stop.delta_orientation.z) == (0.0, 0.0, 0.0)
+    assert len(stop.tokens) == 0 and stop.header.frame_id == "tool0"
+    assert len(zero_twists) == 1 and zero_twists[0].twist.linear.x == 0.0
+    assert not set(keys) & h.action_stamps()
+    assert h.diag["values"]["motion_enabled"] == "False" or h.wait_diag(
+        lambda d: d["values"]["motion_enabled"] == "False", 3)
+
+    assert h.set_enabled(True).success
+    key = h.send_image(frame)
+    assert h.action_for(key, timeout=10) is not None, "actions did not resume after enable"
+
+
+@requires_ros
+def test_process_sigterm_publishes_zero_motion_and_exits_cleanly(proc_node):
+    node, h = proc_node
+    t = time.monotonic()
+    code = node.stop(signal.SIGTERM)
+    out = node.output()
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert "zero-motion action published (shutting down)" in out and "policy closed" in out
+    stops = wait_until(lambda: [m for ts, m in list(h.actions) if ts >= t and len(m.tokens) == 0], 3)
+    assert stops, "no zero-motion action on shutdown"
+
+
+@requires_ros
+def test_ttnn_backend_unavailable_keeps_node_up_with_error_and_sigint_is_clean(ros, tiny_weights, tmp_path):
+    node = NodeProcess(node_cmd("/tt", "openvla_tt", "backend:=ttnn", "mesh_device:=N300",
+                                f"weights_path:={tiny_weights}", "unnorm_key:=bridge_orig",
+                                "diagnostics_period_s:=0.1"), tmp_path / "tt.log")
+    h = Harness(ros, "/tt", "openvla_tt")
+    try:
+        d = h.wait_diag(lambda d: d["level"] == 2, timeout=60)
+        assert d, f"no ERROR diagnostics:\n{node.output()[-3000:]}"
+        assert "ttnn" in d["message"] and d["values"]["lifecycle_state"] == "unconfigured"
+        assert d["values"]["backend"] == "ttnn" and d["values"]["mesh_device"] == "N300"
+        resp = h.set_enabled(True)
+        assert not resp.success and "policy not loaded" in resp.message
+        assert node.proc.poll() is None, "node exited instead of staying up"
+    finally:
+        h.close()
+        code = node.stop(signal.SIGINT)
+    out = node.output()
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+    assert "configure failed" in out
+
+
+@requires_ros
+@pytest.mark.parametrize("params,expected", [
+    (["backend:=tensorrt", "max_delta_position_m:=[0.1, -1.0, 0.1]", "gripper_convention:=sideways",
+      "inference_mode:=sometimes"],
+     ["backend: 'tensorrt' is not one of: ttnn, torch", "max_delta_position_m", "gripper_convention", "inference_mode"]),
+    (["image_qos_depth:=deep", "max_image_age_s:=old"], ["image_qos_depth", "wrong type"]),
+])
+def test_invalid_parameters_exit_2_with_a_clear_message(tmp_path, params, expected):
+    node = NodeProcess(node_cmd("/bad", "openvla_bad", *params), tmp_path / "bad.log")
+    code = node.proc.wait(30)
+    out = node.output()
+    node.log.close()
+    assert code == 2, out
+    assert "invalid parameters" in out and "Traceback" not in out, out
+    for text in expected:
+        assert text in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+# the node in this process
+# ---------------------------------------------------------------------------------------------
+class ScriptedPolicy:
+    """The real tiny policy, with results corrupted on demand to exercise the safety paths."""
+
+    def __init__(self, policy):
+        self.policy, self.mode, self.closed = policy, "ok", False
+
+    def describe(self):
+        return self.policy.describe()
+
+    @property
+    def load_time_s(self):
+        return self.policy.load_time_s
+
+    def predict(self, rgb, instruction, unnorm_key=None):
+        from openvla_model import BackendError, InputError
+
+        if self.mode == "input_error":
+            raise InputError("instruction too long for the model")
+        if self.mode == "backend_error":
+            raise BackendError("device lost")
+        r = self.policy.predict(rgb, instruction, unnorm_key)
+        if self.mode == "out_of_range":
+            tokens = r.tokens.copy()
+            tokens[2] = 1234
+            return dataclasses.replace(r, tokens=tokens, out_of_range=np.arange(7) == 2)
+        if self.mode == "nan":
+            action = r.action.copy()
+            action[4] = np.nan
+            return dataclasses.replace(r, action=action)
+        return r
+
+    def close(self):
+        self.closed = True  # the session-wide tiny policy stays open for other tests
+
+
+def make_node(namespace, tiny_weights, loader=None, **params):
+    from rclpy.parameter import Parameter
+
+    from openvla_ros.node import OpenVLANode
+
+    defaults = dict(backend="torch", device="cpu", weights_path=str(tiny_weights), unnorm_key="bridge_orig",
+                    start_enabled=True, diagnostics_period_s=0.1, log_throttle_s=0.2)
+    defaults.update(params)
+    overrides = [Parameter(k, value=v) for k, v in defaults.items()]
+    return OpenVLANode("openvla_in", namespace=namespace, parameter_overrides=overrides, policy_loader=loader)
+
+
+@pytest.fixture
+def inproc(ros, tiny_weights, tiny_policy):
+    made = []
+
+    def factory(namespace, compressed=False, scripted=True, **params):
+        scripted_policy = ScriptedPolicy(tiny_policy) if scripted else None
+        loader = (lambda cfg: scripted_policy) if scripted else None
+        node = make_node(namespace, tiny_weights, loader, **params)
+        ros.add_node(node)
+        h = Harness(ros, namespace, "openvla_in", compressed=compressed)
+        made.append((node, h))
+        return node, h, scripted_policy
+
+    yield factory
+    for node, h in made:
+        h.close()
+        node.close()
+        ros.remove_node(node)
+        node.destroy_node()
+
+
+@requires_ros
+def test_inprocess_compressed_images_instruction_rules_and_clipping(inproc):
+    from rclpy.parameter import Parameter
+
+    from openvla_ros.image_conversion import rgb_to_compressed_msg
+    from openvla_ros.msg import EndEffectorAction  # noqa: F401
+
+    node, h, _ = inproc("/inc", compressed=True, image_transport="compressed", max_instruction_age_s=1.5)
+    assert node.autostart() and node.lifecycle_state() == "active"
+    h.wait_connected()
+    from openvla_model.synthetic import synthetic_rgb
+
+    jpeg = rgb_to_compressed_msg(synthetic_rgb(seed=5, height=96, width=128), "jpeg")
+
+    # no instruction -> no action
+    key = h.send_image(jpeg)
+    assert wait_until(lambda: node.stats.counts["rejected_no_instruction"] >= 1, 5)
+    assert key not in h.action_stamps()
+
+    h.send_instruction("  put the spoon   in the bowl ")
+    assert wait_until(lambda: node._instruction is not None, 5)
+    key = h.send_image(jpeg)
+    a = h.action_for(key)
+    assert a is not None and a.instruction == "put the spoon in the bowl"
+
+    # corrupt compressed data -> counted, no action
+    from sensor_msgs.msg import CompressedImage
+
+    bad = CompressedImage(format="jpeg", data=b"\xff\xd8\xff\xe0" + b"junk" * 100)
+    key_bad = h.send_image(bad)
+    assert wait_until(lambda: node.stats.counts["rejected_bad_image"] >= 1, 5)
+    assert key_bad not in h.action_stamps()
+
+    # tighter limits at runtime -> clipped actions, counted
+    res = node.set_parameters([Parameter("max_delta_position_m", value=[1e-4, 1e-4, 1e-4]),
+                               Parameter("max_delta_orientation_rad", value=[1e-4, 1e-4, 1e-4])])
+    assert all(r.successful for r in res)
+    h.send_instruction("put the spoon in the bowl")
+    key = h.send_image(jpeg)
+    a = h.action_for(key)
+    assert a is not None and a.clipped
+    assert max(abs(a.delta_position.x), abs(a.delta_position.y), abs(a.delta_position.z)) <= 1e-4 + 1e-12
+    assert max(abs(v) for v in a.unclipped[:3]) > 1e-4  # the model asked for more
+    assert node.stats.counts["actions_clipped"] >= 1
+
+    # invalid runtime values and read-only parameters are refused with a reason
+    bad_res = node.set_parameters([Parameter("max_image_age_s", value=-1.0)])[0]
+    assert not bad_res.successful and "max_image_age_s" in bad_res.reason
+    bad_key = node.set_parameters([Parameter("unnorm_key", value="no_such_dataset")])[0]
+    assert not bad_key.successful and "bridge_orig" in bad_key.reason
+    ro = node.set_parameters([Parameter("backend", value="ttnn")])[0]
+    assert not ro.successful
+    assert node.cfg.max_image_age_s > 0 and node.cfg.backend == "torch"
+
+    # stale instruction -> no action
+    time.sleep(1.6)
+    before = node.stats.counts["rejected_stale_instruction"]
+    key = h.send_image(jpeg)
+    assert wait_until(lambda: node.stats.counts["rejected_stale_instruction"] > before, 5)
+    assert key not in h.action_stamps()
+
+
+@requires_ros
+def test_inprocess_invalid_results_and_failures_never_become_actions(inproc):
+    node, h, policy = inproc("/inv")
+    assert node.autostart()
+    h.wait_connected()
+    h.send_instruction(INSTRUCTION)
+    assert wait_until(lambda: node._instruction is not None, 5)
+    _, frame = small_frame(41)
+
+    def send_and_wait(counter):
+        before = node.stats.counts[counter]
+        key = h.send_image(frame)
+        assert wait_until(lambda: node.stats.counts[counter] > before, 10), counter
+        return key
+
+    for mode, counter in [("out_of_range", "rejected_invalid_result"), ("nan", "rejected_invalid_result"),
+                          ("input_error", "rejected_bad_input")]:
+        policy.mode = mode
+        key = send_and_wait(counter)
+        assert key not in h.action_stamps() | h.action_stamps(h.previews), mode
+    assert h.wait_diag(lambda d: d["level"] == 1, timeout=3), "rejections should raise a WARN"
+
+    policy.mode = "backend_error"
+    for _ in range(3):
+        key = send_and_wait("inference_errors")
+        assert key not in h.action_stamps()
+    d = h.wait_diag(lambda d: d["level"] == 2, timeout=3)
+    assert d and "failing" in d["message"] and "device lost" in d["values"]["last_error"]
+
+    policy.mode = "ok"
+    key = h.send_image(frame)
+    a = h.action_for(key)
+    assert a is not None
+    assert h.wait_diag(lambda d: d["level"] == 0, timeout=3)
+    # sequence numbers: the two rejected model results (out_of_range, nan) left a gap of two;
+    # exceptions produced no result and use no number
+    assert a.sequence == 2
+
+
+@requires_ros
+def test_inprocess_lifecycle_transitions(inproc):
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    node, h, policy = inproc("/life", autostart=False, initial_instruction=INSTRUCTION)
+    assert node.lifecycle_state() == "unconfigured" and node.policy is None
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.lifecycle_state() == "inactive" and node.policy is policy
+    h.wait_connected()
+    _, frame = small_frame(51)
+    key = h.send_image(frame)
+    time.sleep(0.3)
+    assert node.stats.counts["frames_received"] == 0 and key not in h.action_stamps()  # inactive: ignored
+    assert not h.set_enabled(True).success  # cannot enable while inactive
+
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    key = h.send_image(frame)
+    assert h.action_for(key) is not None  # initial_instruction parameter acted on
+
+    t = time.monotonic()
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    stop = wait_until(lambda: [m for ts, m in list(h.actions) if ts >= t], 5)
+    assert stop and len(stop[0].tokens) == 0 and stop[0].delta_position.x == 0.0
+    assert node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    assert policy.closed and node.policy is None and node.lifecycle_state() == "unconfigured"
+
+
+@requires_ros
+def test_inprocess_start_disabled_is_a_dry_run(inproc):
+    node, h, _ = inproc("/dry", start_enabled=False, initial_instruction=INSTRUCTION)
+    assert node.autostart() and not node.enabled
+    h.wait_connected()
+    _, frame = small_frame(61)
+    key = h.send_image(frame)
+    assert h.action_for(key, store=h.previews) is not None
+    assert key not in h.action_stamps() and node.stats.counts["actions_published"] == 0
+
+
+@requires_ros
+def test_inprocess_fixed_rate_mode_limits_inference_and_drops_extra_frames(inproc):
+    node, h, _ = inproc("/rate", inference_mode="fixed_rate", control_rate_hz=4.0, initial_instruction=INSTRUCTION)
+    assert node.autostart()
+    h.wait_connected()
+    _, frame = small_frame(71)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.5:
+        h.send_image(frame)
+        time.sleep(0.03)
+    time.sleep(0.4)
+    # starts are >= 1/4 s apart: at most one per started quarter second since the first frame
+    bound = int((time.monotonic() - t0) * 4.0) + 1
+    counts = dict(node.stats.counts)
+    assert 2 <= counts["frames_processed"] <= bound, (counts, bound)
+    assert counts["frames_dropped"] > counts["frames_processed"], counts
+
+
+@requires_ros
+def test_params_files_and_mesh_profile_load_into_the_node(ros):
+    from rclpy.parameter import Parameter
+
+    from openvla_ros.node import OpenVLANode
+
+    node = OpenVLANode("openvla_params", namespace="/pf",
+                       cli_args=["--ros-args", "--params-file", str(ROOT / "config" / "openvla.yaml"),
+                                 "--params-file", str(ROOT / "config" / "mesh" / "N300.yaml")],
+                       parameter_overrides=[Parameter("autostart", value=False)])
+    try:
+        cfg = node.cfg
+        assert cfg.mesh_device == "N300" and cfg.backend == "ttnn" and cfg.unnorm_key == "bridge_orig"
+        assert cfg.precision["ffn_weight_dtype"] == "bfp8" and cfg.precision["lm_head_logits_dtype"] == "bf16"
+        assert cfg.start_enabled is False and cfg.autostart is False
+        assert node.lifecycle_state() == "unconfigured"
+    finally:
+        node.destroy_node()
