@@ -62,14 +62,11 @@ def image_msg_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     pixels = buf.reshape(height, step)[:, :row_bytes].reshape(height, width, bpp)
     if encoding == "rgb8":
         return pixels
-    if encoding == "bgr8":
-        return np.ascontiguousarray(pixels[..., ::-1])
-    if encoding == "rgba8":
-        return np.ascontiguousarray(pixels[..., :3])
-    if encoding == "bgra8":
-        return np.ascontiguousarray(pixels[..., 2::-1])
-    # mono8: grey replicated to three channels
-    return np.ascontiguousarray(np.broadcast_to(pixels, (height, width, 3)))
+    import cv2  # channel reordering: several times faster than a strided numpy copy
+
+    code = {"bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
+            "mono8": cv2.COLOR_GRAY2RGB}[encoding]
+    return cv2.cvtColor(pixels, code)
 
 
 def compressed_msg_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

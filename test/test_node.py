@@ -101,6 +101,15 @@ def test_default_params_file_is_valid():
     validate(values)
 
 
+def test_every_parameter_is_documented():
+    from openvla_ros.params import PRECISION_KEYS, SPECS
+
+    doc = (ROOT / "docs" / "ros_node.md").read_text()
+    missing = [n for n in SPECS if n not in PRECISION_KEYS and f"`{n}`" not in doc]
+    missing += [k for k in PRECISION_KEYS if k.split(".", 1)[1] not in doc]
+    assert not missing, f"parameters missing from docs/ros_node.md: {missing}"
+
+
 def test_diagnostics_levels():
     from openvla_ros.diagnostics import ERROR, OK, WARN, Health, assess
 
