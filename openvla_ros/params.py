@@ -276,19 +276,34 @@ def descriptor(name: str, spec: Spec):
                                read_only=spec.read_only, dynamic_typing=spec.number)
 
 
+def _kind(spec: Spec) -> str:
+    d = spec.default
+    if spec.number:
+        return "a list of numbers" if isinstance(d, list) else "a number"
+    if isinstance(d, bool):
+        return "true or false"
+    if isinstance(d, int):
+        return "an integer"
+    return "a string"
+
+
 def declare_and_read(node) -> NodeConfig:
     """Declare every parameter on `node` and return the validated configuration.
-    Raises ParameterError (all problems at once) for wrong types or values."""
+    Raises ParameterError listing every wrong type and every invalid value at once."""
     from rclpy.exceptions import ParameterException
 
-    problems = []
+    problems, values = [], {}
     for name, spec in SPECS.items():
         try:
             node.declare_parameter(name, spec.default, descriptor(name, spec))
+            values[name] = node.get_parameter(name).value
         except ParameterException as e:  # wrong type given as an override
-            got = getattr(e, "args", [None])
-            problems.append(f"{name}: wrong type ({got[0] if got else e}); expected like {spec.default!r}")
+            problems.append(f"{name}: wrong type, expected {_kind(spec)} ({e})")
+            values[name] = spec.default
+    try:
+        cfg = validate(values)
+    except ParameterError as e:
+        problems += e.problems
     if problems:
         raise ParameterError(problems)
-    values = {name: node.get_parameter(name).value for name in SPECS}
-    return validate(values)
+    return cfg

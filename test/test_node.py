@@ -388,7 +388,7 @@ def test_process_actions_carry_the_image_stamp_and_every_field(proc_node, tiny_p
 @requires_ros
 def test_process_bad_inputs_are_counted_and_never_acted_on(proc_node):
     from builtin_interfaces.msg import Time
-    from sensor_msgs.msg import CompressedImage, Image  # noqa: F401
+    from sensor_msgs.msg import Image
 
     node, h = proc_node
     _ensure_instruction(h)
@@ -549,7 +549,8 @@ def test_ttnn_backend_unavailable_keeps_node_up_with_error_and_sigint_is_clean(r
     (["backend:=tensorrt", "max_delta_position_m:=[0.1, -1.0, 0.1]", "gripper_convention:=sideways",
       "inference_mode:=sometimes"],
      ["backend: 'tensorrt' is not one of: ttnn, torch", "max_delta_position_m", "gripper_convention", "inference_mode"]),
-    (["image_qos_depth:=deep", "max_image_age_s:=old"], ["image_qos_depth", "wrong type"]),
+    (["image_qos_depth:=deep", "max_image_age_s:=old"],
+     ["image_qos_depth: wrong type, expected an integer", "max_image_age_s: expected a number"]),
 ])
 def test_invalid_parameters_exit_2_with_a_clear_message(tmp_path, params, expected):
     node = NodeProcess(node_cmd("/bad", "openvla_bad", *params), tmp_path / "bad.log")
@@ -638,7 +639,6 @@ def test_inprocess_compressed_images_instruction_rules_and_clipping(inproc):
     from rclpy.parameter import Parameter
 
     from openvla_ros.image_conversion import rgb_to_compressed_msg
-    from openvla_ros.msg import EndEffectorAction  # noqa: F401
 
     node, h, _ = inproc("/inc", compressed=True, image_transport="compressed", max_instruction_age_s=1.5)
     assert node.autostart() and node.lifecycle_state() == "active"
