@@ -25,7 +25,9 @@ def create_backend(name: str, config, checkpoint, **options):
             return FastTorchBackend(config, checkpoint, device=options.get("device"), dtype=options.get("dtype"))
         return TorchBackend(config, checkpoint, device=options.get("device"), dtype=options.get("dtype"))
     if name == "ttnn":
-        raise BackendError(
-            "backend 'ttnn' is not available yet: the TT-NN backend (N300/T3K) has not landed in this "
-            "version (issue #4); use backend 'torch'")
+        from .ttnn import TtnnBackend
+
+        # mesh_device: N300 | T3K | auto ($MESH_DEVICE). precision: the node's precision.* overrides.
+        extra = {k: options[k] for k in ("precision", "cache_dir", "trace", "tt") if options.get(k) is not None}
+        return TtnnBackend(config, checkpoint, mesh_device=options.get("mesh_device"), **extra)
     raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

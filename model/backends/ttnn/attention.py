@@ -1,0 +1,160 @@
+"""Llama self-attention, tensor-parallel over the mesh: each chip owns num_heads / N query heads
+and num_kv_heads / N KV heads (column-parallel fused QKV), its slice of the KV cache, and the
+matching rows of WO (row-parallel); the partial outputs are summed with an all-reduce.
+
+RoPE is HF's rotate_half form computed from ttnn ops, x*cos + (x @ R)*sin with R the
+rotate_half matrix, so the checkpoint's Q/K weights are used as they are (no permutation to the
+interleaved layout of ttnn.experimental.rotary_embedding_llama: the seed's defect 3 cannot occur).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .weights import TILE
+
+
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """R with x @ R == rotate_half(x) == cat(-x[d/2:], x[:d/2])."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    idx = torch.arange(half)
+    r[idx + half, idx] = -1.0
+    r[idx, idx + half] = 1.0
+    return r
+
+
+def all_reduce(tt, mesh, x):
+    """Sum the row-parallel partial results of every chip (every chip gets the sum)."""
+    if mesh.num_devices == 1:
+        return x
+    return tt.all_reduce(x)
+
+
+class Rope:
+    """cos/sin tables for every position of the KV cache (from transformers' own rotary
+    embedding, so rope_theta / rope scaling follow the checkpoint's config), on the mesh twice:
+    tiled (prefill slices rows 0..S) and row-major (decode looks a position up with embedding)."""
+
+    def __init__(self, tt, mesh, llm_cfg, max_seq: int):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.tt = tt
+        self.head_dim = getattr(llm_cfg, "head_dim", None) or llm_cfg.hidden_size // llm_cfg.num_attention_heads
+        rope = LlamaRotaryEmbedding(llm_cfg)
+        pos = torch.arange(max_seq).view(1, -1)
+        cos, sin = rope(torch.zeros(1, dtype=torch.float32), pos)
+        cos, sin = cos[0].float(), sin[0].float()  # (max_seq, head_dim)
+        rep = tt.ReplicateTensorToMesh(mesh.device)
+        put = lambda t, layout, dtype=tt.bfloat16: tt.from_torch(  # noqa: E731
+            t, dtype=dtype, layout=layout, device=mesh.device, mesh_mapper=rep)
+        self.cos_tiles = put(cos.view(1, 1, max_seq, -1), tt.TILE_LAYOUT)
+        self.sin_tiles = put(sin.view(1, 1, max_seq, -1), tt.TILE_LAYOUT)
+        self.cos_rows = put(cos, tt.ROW_MAJOR_LAYOUT)
+        self.sin_rows = put(sin, tt.ROW_MAJOR_LAYOUT)
+        self.rot = put(rotate_half_matrix(self.head_dim), tt.TILE_LAYOUT)
+
+    def prefill_tables(self, seq: int):
+        tt, d = self.tt, self.head_dim
+        return (tt.slice(self.cos_tiles, [0, 0, 0, 0], [1, 1, seq, d]),
+                tt.slice(self.sin_tiles, [0, 0, 0, 0], [1, 1, seq, d]))
+
+    def decode_tables(self, pos_rows):
+        """pos_rows: (1, 1) uint32 position on the mesh -> (1, 1, 1, d) cos, sin."""
+        tt, d = self.tt, self.head_dim
+        cos = tt.embedding(pos_rows, self.cos_rows, layout=tt.TILE_LAYOUT)
+        sin = tt.embedding(pos_rows, self.sin_rows, layout=tt.TILE_LAYOUT)
+        return tt.reshape(cos, (1, 1, 1, d)), tt.reshape(sin, (1, 1, 1, d))
+
+    def apply(self, x, cos, sin, compute):
+        tt = self.tt
+        rotated = tt.matmul(x, self.rot, compute_kernel_config=compute)
+        return tt.add(tt.multiply(x, cos), tt.multiply(rotated, sin))
+
+
+class Attention:
+    def __init__(self, tt, mesh, profile, store, llm_cfg, layer: int, rope: Rope, max_seq: int):
+        self.tt, self.mesh, self.rope = tt, mesh, rope
+        n = mesh.num_devices
+        self.hidden = llm_cfg.hidden_size
+        self.heads = llm_cfg.num_attention_heads
+        self.kv_heads = getattr(llm_cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = rope.head_dim
+        self.local_heads, self.local_kv = self.heads // n, self.kv_heads // n
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.act_dtype = profile.dtype(tt, "activations")
+        self.qkv_compute = profile.compute_config(tt, "qkv")
+        self.sdpa_compute = profile.compute_config(tt, "sdpa")
+        self.wo_compute = profile.compute_config(tt, "wo")
+        d, hl, kl = self.head_dim, self.local_heads, self.local_kv
+        pre = f"model.layers.{layer}.self_attn."
+        raw = lambda name: store.raw("llm", pre + name)  # noqa: E731
+
+        def wqkv():
+            q, k, v = raw("q_proj.weight"), raw("k_proj.weight"), raw("v_proj.weight")  # (out, in)
+            blocks = [torch.cat([q[i * hl * d:(i + 1) * hl * d], k[i * kl * d:(i + 1) * kl * d],
+                                 v[i * kl * d:(i + 1) * kl * d]], 0) for i in range(n)]
+            return torch.cat(blocks, 0).transpose(0, 1)  # (hidden, n * (hl + 2 kl) d): chip i gets block i
+
+        self.wqkv = store.put(f"llm.{layer}.wqkv", wqkv, profile.dtype(tt, "wqkv"), shard_dim=1)
+        self.wo = store.put(f"llm.{layer}.wo", lambda: raw("o_proj.weight").transpose(0, 1),
+                            profile.dtype(tt, "wo"), shard_dim=0)
+        # Preallocated once for the longest sequence and reused: prefill overwrites rows 0..S-1,
+        # decode writes row p before attending to rows 0..p, so stale rows are never read and no
+        # reset is needed between calls.
+        zeros = torch.zeros(1, self.kv_heads, max_seq, d)
+        put = dict(dtype=profile.dtype(tt, "kv_cache"), layout=tt.TILE_LAYOUT, device=mesh.device,
+                   mesh_mapper=tt.ShardTensorToMesh(mesh.device, dim=1))
+        self.k_cache = tt.from_torch(zeros, **put)
+        self.v_cache = tt.from_torch(zeros, **put)
+        self.update_memcfg = tt.create_sharded_memory_config(
+            shape=(TILE, d), core_grid=tt.CoreGrid(y=1, x=1), strategy=tt.ShardStrategy.HEIGHT,
+            use_height_and_width_as_shard_shape=True)
+
+    def _split(self, qkv, rows: int):
+        """(1, 1, rows, (hl + 2 kl) d) -> q, k, v slices (1, 1, rows, heads * d)."""
+        tt, d, hl, kl = self.tt, self.head_dim, self.local_heads, self.local_kv
+        edges = [0, hl * d, (hl + kl) * d, (hl + 2 * kl) * d]
+        return [tt.slice(qkv, [0, 0, 0, edges[j]], [1, 1, rows, edges[j + 1]]) for j in range(3)]
+
+    def prefill(self, x, seq: int, cos, sin):
+        """x: (1, 1, seq, hidden) normed, replicated -> all-reduced (1, 1, seq, hidden).
+        Fills KV-cache rows 0..seq-1 of this chip's heads."""
+        tt, d = self.tt, self.head_dim
+        qkv = tt.linear(x, self.wqkv, compute_kernel_config=self.qkv_compute, dtype=self.act_dtype)
+        q, k, v = self._split(qkv, seq)
+        q = tt.permute(tt.reshape(q, (1, seq, self.local_heads, d)), (0, 2, 1, 3))  # (1, hl, seq, d)
+        k = tt.permute(tt.reshape(k, (1, seq, self.local_kv, d)), (0, 2, 1, 3))
+        v = tt.permute(tt.reshape(v, (1, seq, self.local_kv, d)), (0, 2, 1, 3))
+        q = self.rope.apply(q, cos, sin, self.qkv_compute)
+        k = self.rope.apply(k, cos, sin, self.qkv_compute)
+        tt.fill_cache(self.k_cache, k, 0)
+        tt.fill_cache(self.v_cache, v, 0)
+        o = tt.transformer.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                        compute_kernel_config=self.sdpa_compute)
+        o = tt.reshape(tt.permute(o, (0, 2, 1, 3)), (1, 1, seq, self.local_heads * d))
+        out = tt.linear(o, self.wo, compute_kernel_config=self.wo_compute, dtype=self.act_dtype)
+        return all_reduce(tt, self.mesh, out)
+
+    def decode(self, x, pos, cos, sin):
+        """x: (1, 1, 1, hidden) normed; pos: (1,) int32 position on the mesh (a device tensor,
+        so the step can be captured as a trace). Writes KV row pos, attends to rows 0..pos."""
+        tt, d = self.tt, self.head_dim
+        qkv = tt.linear(x, self.wqkv, compute_kernel_config=self.qkv_compute, dtype=self.act_dtype)
+        q, k, v = self._split(qkv, 1)
+        q = tt.reshape(q, (1, 1, self.local_heads, d))  # [1, batch, heads, d]
+        k = tt.reshape(k, (1, 1, self.local_kv, d))
+        v = tt.reshape(v, (1, 1, self.local_kv, d))
+        q = self.rope.apply(q, cos, sin, self.qkv_compute)
+        k = self.rope.apply(k, cos, sin, self.qkv_compute)
+        tt.experimental.paged_update_cache(self.k_cache, tt.to_memory_config(k, self.update_memcfg),
+                                           update_idxs_tensor=pos)
+        tt.experimental.paged_update_cache(self.v_cache, tt.to_memory_config(v, self.update_memcfg),
+                                           update_idxs_tensor=pos)
+        o = tt.transformer.scaled_dot_product_attention_decode(
+            q, self.k_cache, self.v_cache, cur_pos_tensor=pos, scale=self.scale,
+            compute_kernel_config=self.sdpa_compute)
+        o = tt.reshape(o, (1, 1, 1, self.local_heads * d))
+        out = tt.linear(o, self.wo, compute_kernel_config=self.wo_compute, dtype=self.act_dtype)
+        return all_reduce(tt, self.mesh, out)

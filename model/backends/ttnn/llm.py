@@ -1,0 +1,144 @@
+"""The Llama-2 LM on the mesh: embedding (replicated), decoder layers (tensor-parallel), final
+norm, LM head sharded over the vocabulary, greedy next token chosen on the device.
+
+Sequence (openvla-spec.md section 4): [emb(BOS), 256 projected patches, emb(ids[1:])], positions
+0..L-1; prefill gives action token 1 (it is kept: the seed's one-token shift is defect 1),
+decode steps at positions L, L+1, ... give tokens 2..7. The decode step reads only device
+tensors (token id, position) so it can be captured once as a trace and replayed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...errors import InputError
+from .attention import Rope
+from .decoder import DecoderLayer
+from .weights import TILE, as_row, pad_dim, round_up
+
+
+class LLM:
+    def __init__(self, tt, mesh, profile, store, llm_cfg, max_seq: int):
+        self.tt, self.mesh, self.profile = tt, mesh, profile
+        n = mesh.num_devices
+        self.hidden = llm_cfg.hidden_size
+        self.vocab = int(llm_cfg.vocab_size)
+        self.vocab_padded = round_up(self.vocab, TILE * n)  # whole tiles per chip
+        self.max_seq = max_seq
+        self.eps = float(llm_cfg.rms_norm_eps)
+        self.act_dtype = profile.dtype(tt, "activations")
+        self.head_compute = profile.compute_config(tt, "lm_head")
+        self.norm_compute = profile.compute_config(tt, "qkv")
+        raw = lambda name: store.raw("llm", name)  # noqa: E731
+        self.embedding = store.put("llm.embed", lambda: raw("model.embed_tokens.weight"),
+                                   profile.dtype(tt, "embedding"), layout=tt.ROW_MAJOR_LAYOUT)
+        self.rope = Rope(tt, mesh, llm_cfg, max_seq)
+        self.layers = [DecoderLayer(tt, mesh, profile, store, llm_cfg, i, self.rope, max_seq)
+                       for i in range(llm_cfg.num_hidden_layers)]
+        self.norm = store.put("llm.norm", lambda: as_row(raw("model.norm.weight")), tt.bfloat16)
+        self.lm_head = store.put("llm.lm_head", lambda: pad_dim(raw("lm_head.weight").transpose(0, 1), 1,
+                                                                 self.vocab_padded),
+                                 profile.dtype(tt, "lm_head"), shard_dim=1)
+        rep = tt.ReplicateTensorToMesh(mesh.device)
+        # Decode inputs: written from the host before each step (4 bytes each), read by the step.
+        self.step_token = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
+        self.step_pos = tt.from_torch(torch.zeros(1, dtype=torch.int32), dtype=tt.int32, device=mesh.device,
+                                      mesh_mapper=rep)
+        self.step_pos_rows = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _host_ids(self, ids: np.ndarray, mapper, device: bool = False):
+        tt = self.tt
+        t = torch.as_tensor(np.asarray(ids, np.int64)).to(torch.int32)
+        return tt.from_torch(t, dtype=tt.uint32, layout=tt.ROW_MAJOR_LAYOUT,
+                             device=self.mesh.device if device else None, mesh_mapper=mapper)
+
+    def _embed(self, ids: np.ndarray):
+        tt = self.tt
+        rows = self._host_ids(ids.reshape(1, -1), tt.ReplicateTensorToMesh(self.mesh.device), device=True)
+        e = tt.embedding(rows, self.embedding, layout=tt.ROW_MAJOR_LAYOUT)
+        return tt.reshape(e, (1, 1, ids.size, self.hidden))
+
+    def sequence_length(self, num_prompt_ids: int, num_patches: int) -> int:
+        return num_prompt_ids + num_patches
+
+    def check_fits(self, length: int, num_tokens: int) -> int:
+        padded = round_up(length, TILE)
+        if padded > self.max_seq or length + num_tokens - 1 > self.max_seq:
+            raise InputError(
+                f"prompt too long for the preallocated KV cache: {length} prompt+patch positions + {num_tokens} "
+                f"actions exceed max_seq_len {self.max_seq} ({self.profile.source})")
+        return padded
+
+    # ---- the multimodal sequence -------------------------------------------------------------
+    def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int):
+        """[emb(BOS), patches, emb(ids[1:])] -> ((1, 1, S, hidden) tiles, L). Rows L..S-1 hold
+        embeddings of token 0: causal attention keeps them out of every real row, and the KV
+        rows they write are overwritten by decode before they could be read."""
+        tt = self.tt
+        ids = np.asarray(input_ids, np.int64).reshape(-1)
+        num_patches = projected.shape[2]
+        length = self.sequence_length(ids.size, num_patches)
+        seq = self.check_fits(length, num_tokens)
+        rest = np.concatenate([ids[1:], np.zeros(seq - length, np.int64)])
+        parts = [self._embed(ids[:1]), tt.to_layout(projected, tt.ROW_MAJOR_LAYOUT), self._embed(rest)]
+        x = tt.concat(parts, dim=2)
+        return tt.to_layout(x, tt.TILE_LAYOUT), length
+
+    # ---- prefill / decode ----------------------------------------------------------------------
+    def _head(self, x_row):
+        tt = self.tt
+        x_row = tt.rms_norm(x_row, weight=self.norm, epsilon=self.eps, compute_kernel_config=self.norm_compute)
+        # Logits stay bf16 whatever the LM-head weight dtype (action logits differ by 0.06-0.25).
+        return tt.linear(x_row, self.lm_head, compute_kernel_config=self.head_compute, dtype=tt.bfloat16)
+
+    def prefill_layers(self, x, count: int | None = None):
+        """Run the first `count` (default all) decoder layers over the whole sequence, filling
+        their KV caches; returns the hidden states (1, 1, S, hidden)."""
+        seq = x.shape[2]
+        cos, sin = self.rope.prefill_tables(seq)
+        for layer in self.layers[:count]:
+            x = layer.prefill(x, seq, cos, sin)
+        return x
+
+    def prefill(self, x, length: int):
+        """(1, 1, S, hidden) -> this chip's vocab slice of the logits at position L-1, (1, 1, 1, V/N)."""
+        x = self.prefill_layers(x)
+        last = self.tt.slice(x, [0, 0, length - 1, 0], [1, 1, length, self.hidden])
+        return self._head(last)
+
+    def decode_step(self):
+        """One token at the position in self.step_pos: reads only the step_* device tensors."""
+        tt = self.tt
+        x = tt.reshape(tt.embedding(self.step_token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        cos, sin = self.rope.decode_tables(self.step_pos_rows)
+        for layer in self.layers:
+            x = layer.decode(x, self.step_pos, cos, sin)
+        return self._head(x)
+
+    def next_token(self, logits):
+        """Greedy argmax over all real vocabulary entries (padding columns excluded), on the mesh."""
+        tt = self.tt
+        if self.mesh.num_devices > 1:
+            logits = tt.all_gather(logits, dim=3)
+        logits = tt.slice(logits, [0, 0, 0, 0], [1, 1, 1, self.vocab])
+        return tt.argmax(logits, dim=3)
+
+    def set_step_inputs(self, token: int, pos: int):
+        tt = self.tt
+        rep = tt.ReplicateTensorToMesh(self.mesh.device)
+        tt.copy_host_to_device_tensor(self._host_ids(np.array([[token]]), rep), self.step_token)
+        tt.copy_host_to_device_tensor(self._host_ids(np.array([[pos]]), rep), self.step_pos_rows)
+        tt.copy_host_to_device_tensor(
+            tt.from_torch(torch.tensor([pos], dtype=torch.int32), dtype=tt.int32, mesh_mapper=rep), self.step_pos)
+
+    def read_token(self, token_tensor) -> int:
+        """The chosen id, from chip 0 (every chip holds the same after the all-gather)."""
+        tt = self.tt
+        return int(tt.to_torch(tt.get_device_tensors(token_tensor)[0]).reshape(-1)[0])
+
+    def logits_to_torch(self, logits) -> torch.Tensor:
+        """This chip's vocab slices gathered on the host -> (vocab,) float (tests / PCC only)."""
+        tt = self.tt
+        full = tt.to_torch(logits, mesh_composer=tt.ConcatMeshToTensor(self.mesh.device, dim=3))
+        return full.reshape(-1)[: self.vocab].float()

@@ -1,0 +1,32 @@
+"""Llama SwiGLU MLP, tensor-parallel: W1 (gate) and W3 (up) column-parallel, W2 (down)
+row-parallel, partial sums all-reduced. The intermediate width is zero-padded to a multiple of
+32 x N so every chip's slice is whole tiles (silu(0) * 0 = 0 meets zero rows of W2)."""
+from __future__ import annotations
+
+from .attention import all_reduce
+from .weights import TILE, pad_dim, round_up
+
+
+class MLP:
+    def __init__(self, tt, mesh, profile, store, llm_cfg, layer: int):
+        self.tt, self.mesh = tt, mesh
+        self.act_dtype = profile.dtype(tt, "activations")
+        self.compute = profile.compute_config(tt, "ffn")
+        dt = profile.dtype(tt, "ffn")
+        inter = round_up(llm_cfg.intermediate_size, TILE * mesh.num_devices)
+        pre = f"model.layers.{layer}.mlp."
+        raw = lambda name: store.raw("llm", pre + name)  # noqa: E731
+        self.w1 = store.put(f"llm.{layer}.w1", lambda: pad_dim(raw("gate_proj.weight").transpose(0, 1), 1, inter),
+                            dt, shard_dim=1)
+        self.w3 = store.put(f"llm.{layer}.w3", lambda: pad_dim(raw("up_proj.weight").transpose(0, 1), 1, inter),
+                            dt, shard_dim=1)
+        self.w2 = store.put(f"llm.{layer}.w2", lambda: pad_dim(raw("down_proj.weight").transpose(0, 1), 0, inter),
+                            dt, shard_dim=0)
+
+    def __call__(self, x):
+        tt = self.tt
+        gate = tt.linear(x, self.w1, compute_kernel_config=self.compute, dtype=self.act_dtype)
+        up = tt.linear(x, self.w3, compute_kernel_config=self.compute, dtype=self.act_dtype)
+        h = tt.multiply(tt.silu(gate), up)
+        out = tt.linear(h, self.w2, compute_kernel_config=self.compute, dtype=self.act_dtype)
+        return all_reduce(tt, self.mesh, out)

@@ -1,0 +1,142 @@
+"""Precision and op fidelity per mesh, read from config/ttnn/<MESH>.yaml (one place: no op
+picks its own dtype or fidelity).
+
+Every name is resolved against the installed ttnn (ttnn.bfloat8_b, ttnn.MathFidelity.HiFi2, ...)
+when the profile is loaded, so a misspelt or non-existent member fails at start-up with the
+file and key at fault, never half-way through a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import BackendError
+
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "config" / "ttnn"
+
+DTYPE_ROLES = ("activations", "vision", "projector", "embedding", "wqkv", "wo", "ffn", "kv_cache", "lm_head")
+FIDELITY_ROLES = ("vision", "projector", "qkv", "sdpa", "wo", "ffn", "lm_head")
+DTYPE_NAMES = ("bfloat16", "bfloat8_b", "bfloat4_b", "float32")
+FIDELITY_NAMES = ("LoFi", "HiFi2", "HiFi3", "HiFi4")
+
+
+@dataclass(frozen=True)
+class PrecisionProfile:
+    """Plain names (strings) from the YAML; `resolve(tt)` turns them into ttnn objects."""
+
+    mesh_name: str
+    mesh_shape: tuple
+    dtypes: dict
+    fidelity: dict
+    device: dict = field(default_factory=dict)
+    max_seq_len: int = 512
+    trace_decode: bool = True
+    source: str = ""
+
+    def dtype(self, tt, role: str):
+        # LM-head logits are always bf16: action-token logits differ by only 0.06-0.25, BFP8
+        # output error is 0.5-1.5 (openvla-spec.md section 7). Only the weights may vary.
+        return getattr(tt, self.dtypes[role])
+
+    def compute_config(self, tt, role: str):
+        """Compute-kernel config of an op group: fidelity from the profile, fp32 accumulation."""
+        return tt.WormholeComputeKernelConfig(
+            math_fidelity=getattr(tt.MathFidelity, self.fidelity[role]),
+            math_approx_mode=False,
+            fp32_dest_acc_en=True,
+            packer_l1_acc=True,
+        )
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise BackendError(f"{path}: cannot read TT-NN precision profile ({e})") from e
+    if not isinstance(data, dict):
+        raise BackendError(f"{path}: expected a mapping")
+    return data
+
+
+def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides: dict | None = None) -> PrecisionProfile:
+    """Read config/ttnn/<mesh_name>.yaml and validate every key and value."""
+    d = Path(config_dir) if config_dir else CONFIG_DIR
+    path = d / f"{mesh_name}.yaml"
+    if not path.is_file():
+        raise BackendError(f"no TT-NN precision profile for mesh {mesh_name!r}: {path} not found")
+    data = _load_yaml(path)
+    for k, v in (overrides or {}).items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    dtypes = dict(data.get("dtypes") or {})
+    fidelity = dict(data.get("fidelity") or {})
+    for role in DTYPE_ROLES:
+        if dtypes.get(role) not in DTYPE_NAMES:
+            raise BackendError(f"{path}: dtypes.{role} = {dtypes.get(role)!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    for role in FIDELITY_ROLES:
+        if fidelity.get(role) not in FIDELITY_NAMES:
+            raise BackendError(
+                f"{path}: fidelity.{role} = {fidelity.get(role)!r}; expected one of {', '.join(FIDELITY_NAMES)}")
+    unknown = sorted(set(dtypes) - set(DTYPE_ROLES)) + sorted(set(fidelity) - set(FIDELITY_ROLES))
+    if unknown:
+        raise BackendError(f"{path}: unknown precision keys {unknown}")
+    shape = tuple(int(x) for x in data.get("mesh_shape", ()))
+    if len(shape) != 2 or shape[0] != 1 or shape[1] < 2:
+        raise BackendError(f"{path}: mesh_shape must be [1, N] with N >= 2, got {list(shape)}")
+    max_seq = int(data.get("max_seq_len", 512))
+    if max_seq % 32 or max_seq < 288:
+        raise BackendError(f"{path}: max_seq_len must be a multiple of 32 and >= 288, got {max_seq}")
+    return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
+                            device=dict(data.get("device") or {}), max_seq_len=max_seq,
+                            trace_decode=bool(data.get("trace_decode", True)), source=str(path))
+
+
+def check_against_ttnn(profile: PrecisionProfile, tt) -> None:
+    """Every dtype / fidelity name must exist in the installed ttnn (spec defect 6)."""
+    for role, name in profile.dtypes.items():
+        if not hasattr(tt, name):
+            raise BackendError(f"{profile.source}: dtypes.{role} = {name!r} does not exist in this ttnn")
+    for role, name in profile.fidelity.items():
+        if not hasattr(tt.MathFidelity, name):
+            raise BackendError(f"{profile.source}: fidelity.{role} = {name!r} is not a ttnn.MathFidelity member")
+
+
+# The ROS node's parameter names (config/mesh/<MESH>.yaml, `precision.*`) -> this profile.
+_NODE_DTYPE_KEYS = {"wqkv_dtype": "wqkv", "wo_dtype": "wo", "kv_cache_dtype": "kv_cache",
+                    "activation_dtype": "activations", "ffn_weight_dtype": "ffn"}
+_NODE_FIDELITY_KEYS = {"qkv_math_fidelity": "qkv", "sdpa_math_fidelity": "sdpa", "wo_math_fidelity": "wo",
+                       "ffn_math_fidelity": "ffn"}
+_NODE_DTYPES = {"bf16": "bfloat16", "bfp8": "bfloat8_b", "bfp4": "bfloat4_b", "fp32": "float32"}
+_NODE_FIDELITIES = {"lofi": "LoFi", "hifi2": "HiFi2", "hifi3": "HiFi3", "hifi4": "HiFi4"}
+
+
+def overrides_from_node_precision(precision: dict | None) -> dict:
+    """Translate the node's `precision` parameters (bf16 / bfp8 / hifi4 ...) into profile
+    overrides; unknown keys or values are errors, and logits can only be bf16."""
+    if not precision:
+        return {}
+    dtypes, fidelity = {}, {}
+    for key, value in precision.items():
+        v = str(value).lower()
+        if key in _NODE_DTYPE_KEYS:
+            if v not in _NODE_DTYPES:
+                raise BackendError(f"precision.{key} = {value!r}; expected one of {', '.join(_NODE_DTYPES)}")
+            dtypes[_NODE_DTYPE_KEYS[key]] = _NODE_DTYPES[v]
+        elif key in _NODE_FIDELITY_KEYS:
+            if v not in _NODE_FIDELITIES:
+                raise BackendError(f"precision.{key} = {value!r}; expected one of {', '.join(_NODE_FIDELITIES)}")
+            fidelity[_NODE_FIDELITY_KEYS[key]] = _NODE_FIDELITIES[v]
+        elif key == "lm_head_logits_dtype":
+            if v != "bf16":
+                raise BackendError(f"precision.lm_head_logits_dtype = {value!r}: LM-head logits are always bf16 "
+                                   "(BFP8 logits flip action tokens)")
+        else:
+            raise BackendError(f"unknown precision parameter {key!r}")
+    out = {}
+    if dtypes:
+        out["dtypes"] = dtypes
+    if fidelity:
+        out["fidelity"] = fidelity
+    return out

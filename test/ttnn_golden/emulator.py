@@ -1,0 +1,250 @@
+"""A stand-in for the `ttnn` module that computes every op with ttnn's own golden functions
+(ttnn.get_golden_function(op): ttnn's PyTorch reference) on host tensors, with the mesh emulated
+chip by chip: a mesh tensor is one torch tensor per chip (replicated or sharded as the mesh
+mapper says), each op runs once per chip on that chip's shard, and the collectives combine the
+chips' shards with ttnn's collective goldens.
+
+The TT-NN backend takes it in place of `ttnn` (TtnnBackend(..., tt=GoldenTTNN(8))), so the
+production model code — sharding, head split, RoPE layout, KV-cache indexing, token
+bookkeeping — is what runs. What it does NOT check: kernels, tiling, memory, device precision
+(everything here is float32; dtypes and compute configs are ignored) — the mock-device tests and
+the hardware tests cover those.
+
+Only the names the model uses are provided; anything else raises AttributeError naming it, so
+a new op in the model cannot silently bypass the emulation.
+"""
+from __future__ import annotations
+
+import ttnn
+import torch
+
+# Constants and config objects taken from the real ttnn (they carry no data).
+_PASSTHROUGH = {
+    "bfloat16", "bfloat8_b", "bfloat4_b", "float32", "uint32", "int32",
+    "TILE_LAYOUT", "ROW_MAJOR_LAYOUT", "DRAM_MEMORY_CONFIG", "L1_MEMORY_CONFIG",
+    "MathFidelity", "WormholeComputeKernelConfig", "FabricConfig", "MeshShape", "CoreGrid", "ShardStrategy",
+    "create_sharded_memory_config",
+}
+# Keyword arguments that only steer the device (placement, kernels, precision): not part of the math.
+_DEVICE_ONLY = {"memory_config", "compute_kernel_config", "dtype", "program_config", "core_grid", "layout",
+                "queue_id", "output_tensor", "sub_core_grids"}
+_INT_DTYPES = ("uint32", "int32")
+
+
+class EmuTensor:
+    """One torch tensor per chip (float32, or int64 for uint32/int32 tensors)."""
+
+    def __init__(self, shards: list, on_device: bool = True):
+        self.shards = shards
+        self.on_device = on_device
+
+    @property
+    def shape(self):
+        return tuple(self.shards[0].shape)
+
+    def __repr__(self):
+        return f"EmuTensor({len(self.shards)} chips, per-chip shape {self.shape})"
+
+
+class EmuMesh:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.n = self.shape[0] * self.shape[1]
+        self.open = True
+
+    def get_num_devices(self):
+        return self.n
+
+
+class _Mapper:
+    def __init__(self, mesh, dim=None):
+        self.n, self.dim = mesh.n, dim
+
+    def split(self, t: torch.Tensor) -> list:
+        if self.dim is None:
+            return [t.clone() for _ in range(self.n)]
+        if t.shape[self.dim] % self.n:
+            raise ValueError(f"cannot shard dim {self.dim} of {tuple(t.shape)} over {self.n} chips")
+        return [c.clone() for c in torch.chunk(t, self.n, dim=self.dim)]
+
+
+class _Composer:
+    def __init__(self, mesh, dim):
+        self.dim = dim
+
+
+class _Namespace:
+    def __init__(self, owner, prefix, names):
+        self._owner, self._prefix, self._names = owner, prefix, names
+
+    def __getattr__(self, name):
+        if name not in self._names:
+            raise AttributeError(f"ttnn.{self._prefix}.{name} is not emulated by GoldenTTNN")
+        return getattr(self._owner, f"_{self._prefix}_{name}")
+
+
+def _golden(op):
+    return ttnn.get_golden_function(op)
+
+
+class GoldenTTNN:
+    def __init__(self, available_devices: int):
+        self.available = int(available_devices)
+        self.fabric = None
+        self.ops_run: dict[str, int] = {}
+        self.transformer = _Namespace(self, "transformer", {"scaled_dot_product_attention",
+                                                            "scaled_dot_product_attention_decode"})
+        self.experimental = _Namespace(self, "experimental", {"paged_update_cache"})
+
+    def __getattr__(self, name):
+        if name in _PASSTHROUGH:
+            return getattr(ttnn, name)
+        raise AttributeError(f"ttnn.{name} is not emulated by GoldenTTNN")
+
+    # ---- device management ---------------------------------------------------------------------
+    def GetNumAvailableDevices(self):
+        return self.available
+
+    def set_fabric_config(self, cfg):
+        self.fabric = cfg
+
+    def open_mesh_device(self, mesh_shape, **_):
+        shape = (mesh_shape[0], mesh_shape[1]) if not hasattr(mesh_shape, "dims") else tuple(mesh_shape)
+        mesh = EmuMesh(shape)
+        if mesh.n > self.available:
+            raise RuntimeError(f"requested {mesh.n} devices, {self.available} available")
+        if mesh.n > 1 and self.fabric != ttnn.FabricConfig.FABRIC_1D:
+            raise RuntimeError("collectives need set_fabric_config(FABRIC_1D) before open_mesh_device")
+        return mesh
+
+    def close_mesh_device(self, mesh):
+        mesh.open = False
+
+    def synchronize_device(self, mesh):
+        pass
+
+    # ---- host <-> mesh -------------------------------------------------------------------------
+    def ReplicateTensorToMesh(self, mesh):
+        return _Mapper(mesh)
+
+    def ShardTensorToMesh(self, mesh, dim):
+        return _Mapper(mesh, dim)
+
+    def ConcatMeshToTensor(self, mesh, dim):
+        return _Composer(mesh, dim)
+
+    def from_torch(self, tensor, dtype=None, layout=None, device=None, mesh_mapper=None, **_):
+        integer = dtype is not None and any(dtype == getattr(ttnn, d) for d in _INT_DTYPES)
+        t = tensor.to(torch.int64) if integer else tensor.to(torch.float32)
+        shards = mesh_mapper.split(t) if mesh_mapper is not None else [t.clone()]
+        return EmuTensor(shards, on_device=device is not None)
+
+    def as_tensor(self, tensor, dtype=None, layout=None, device=None, mesh_mapper=None, cache_file_name=None, **_):
+        if tensor is None:
+            raise RuntimeError("GoldenTTNN.as_tensor: no tensor (weight caches are not emulated)")
+        return self.from_torch(tensor, dtype=dtype, layout=layout, device=device, mesh_mapper=mesh_mapper)
+
+    def to_torch(self, t, mesh_composer=None, **_):
+        if mesh_composer is None:
+            if len(t.shards) != 1:
+                raise ValueError("to_torch of a multi-chip tensor needs a mesh_composer")
+            return t.shards[0].clone()
+        return torch.cat(t.shards, dim=mesh_composer.dim)
+
+    def get_device_tensors(self, t):
+        return [EmuTensor([s]) for s in t.shards]
+
+    def copy_host_to_device_tensor(self, src, dst, *_, **__):
+        for s, d in zip(src.shards, dst.shards, strict=True):
+            d.copy_(s)
+
+    def to_layout(self, t, layout, **_):
+        return t
+
+    def to_memory_config(self, t, memory_config, **_):
+        return t
+
+    def deallocate(self, t, *_, **__):
+        pass
+
+    # ---- ops: ttnn's golden function, once per chip --------------------------------------------
+    def _per_chip(self, name, golden, args, kwargs):
+        self.ops_run[name] = self.ops_run.get(name, 0) + 1
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DEVICE_ONLY}
+        n = None
+        for x in list(args) + list(kwargs.values()):
+            for y in (x if isinstance(x, (list, tuple)) else [x]):
+                if isinstance(y, EmuTensor):
+                    n = len(y.shards) if n is None else n
+                    if len(y.shards) != n:
+                        raise ValueError(f"{name}: operands live on different numbers of chips")
+
+        def pick(x, i):
+            if isinstance(x, EmuTensor):
+                return x.shards[i]
+            if isinstance(x, (list, tuple)) and any(isinstance(y, EmuTensor) for y in x):
+                return type(x)(pick(y, i) for y in x)
+            return x
+
+        outs = [golden(*[pick(a, i) for a in args], **{k: pick(v, i) for k, v in kwargs.items()})
+                for i in range(n)]
+        return EmuTensor(outs)
+
+    def _op(name, op_path):  # noqa: N805 (class-body factory)
+        def call(self, *args, **kwargs):
+            obj = ttnn
+            for part in op_path.split("."):
+                obj = getattr(obj, part)
+            return self._per_chip(name, _golden(obj), args, kwargs)
+
+        call.__name__ = name
+        return call
+
+    linear = _op("linear", "linear")
+    matmul = _op("matmul", "matmul")
+    add = _op("add", "add")
+    multiply = _op("multiply", "multiply")
+    rms_norm = _op("rms_norm", "rms_norm")
+    layer_norm = _op("layer_norm", "layer_norm")
+    gelu = _op("gelu", "gelu")
+    silu = _op("silu", "silu")
+    softmax = _op("softmax", "softmax")
+    embedding = _op("embedding", "embedding")
+    concat = _op("concat", "concat")
+    reshape = _op("reshape", "reshape")
+    permute = _op("permute", "permute")
+    slice = _op("slice", "slice")
+    argmax = _op("argmax", "argmax")
+    fill_cache = _op("fill_cache", "fill_cache")  # in place on each chip's cache shard
+    _transformer_scaled_dot_product_attention = _op("sdpa", "transformer.scaled_dot_product_attention")
+    _transformer_scaled_dot_product_attention_decode = _op(
+        "sdpa_decode", "transformer.scaled_dot_product_attention_decode")
+    del _op
+
+    def _experimental_paged_update_cache(self, cache, update, update_idxs_tensor=None, **kwargs):
+        """No golden exists for paged_update_cache: it is update_cache's golden with the decode
+        layout [1, batch, heads, d] moved to update_cache's [1, heads, batch, d]."""
+        golden = _golden(ttnn.update_cache)
+        self.ops_run["paged_update_cache"] = self.ops_run.get("paged_update_cache", 0) + 1
+        for i, (c, u) in enumerate(zip(cache.shards, update.shards, strict=True)):
+            idx = int(update_idxs_tensor.shards[i].reshape(-1)[0])
+            golden(c, u.permute(0, 2, 1, 3), idx)
+        return cache
+
+    # ---- collectives: ttnn's collective goldens over every chip's shard -------------------------
+    def _collective(self, name, op, t, *args):
+        self.ops_run[name] = self.ops_run.get(name, 0) + 1
+        n = len(t.shards)
+        out = _golden(op)(list(t.shards), *args, _ttnn_golden_mesh_shape=(1, n),
+                          _ttnn_golden_mesh_shard_dims=(None, None), _ttnn_global_golden_mesh_shards=True)
+        return EmuTensor([out.clone() for _ in range(n)])
+
+    def all_reduce(self, t, **_):
+        return self._collective("all_reduce", ttnn.all_reduce, t)
+
+    def all_gather(self, t, dim, **_):
+        return self._collective("all_gather", ttnn.all_gather, t, dim)
+
+    # ---- traces are a device feature ------------------------------------------------------------
+    def begin_trace_capture(self, *_, **__):
+        raise RuntimeError("GoldenTTNN does not emulate traces (construct the backend with trace=False)")

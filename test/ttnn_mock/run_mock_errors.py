@@ -1,0 +1,77 @@
+"""Bad input against the real ttnn on a MOCK N300 (run by test_ttnn_mock.py in a subprocess):
+auto-detection, too few devices, a checkpoint that does not match the config, a device that
+dies mid-run. Prints one JSON object with what happened."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_mock_model import ZeroCheckpoint, write_full_width_config  # noqa: E402
+
+
+def main() -> int:
+    import ttnn
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.backends.ttnn.mesh import open_mesh
+    from openvla_model.backends.ttnn.model_config import load_profile
+    from openvla_model.config import load_config
+    from openvla_model.errors import BackendError, CheckpointError
+
+    work = Path(sys.argv[1])
+    out = {}
+    mesh, _ = open_mesh(ttnn, "auto", load_profile)
+    out["auto"] = [mesh.name, mesh.num_devices]
+    mesh.close()
+    mesh.close()  # idempotent
+
+    try:
+        open_mesh(ttnn, "T3K", load_profile)
+        out["t3k_on_n300"] = "opened?!"
+    except BackendError as e:
+        out["t3k_on_n300"] = str(e)
+
+    config = load_config(write_full_width_config(work / "weights", 1, 3))
+
+    class WrongCheckpoint(ZeroCheckpoint):
+        def validate(self, expected):
+            raise CheckpointError("language_model.lm_head.weight missing from the checkpoint (test)")
+
+    try:
+        TtnnBackend(config, WrongCheckpoint(), mesh_device="N300", cache_dir=None, trace=False)
+        out["bad_weights"] = "loaded?!"
+    except CheckpointError as e:
+        out["bad_weights"] = str(e)
+
+    backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device="N300", cache_dir=None, trace=False)
+
+    def dies():
+        raise RuntimeError("simulated: device stopped responding")
+
+    backend.llm.decode_step = dies
+    import numpy as np
+    import torch
+
+    try:
+        backend.generate(torch.zeros(1, 6, 224, 224), np.array([1, 100, 29871]), 7)
+        out["mid_run"] = "no error?!"
+    except BackendError as e:
+        out["mid_run"] = str(e)
+    out["closed_after_failure"] = backend.mesh.device is None
+    try:
+        backend.generate(torch.zeros(1, 6, 224, 224), np.array([1, 100, 29871]), 7)
+    except BackendError as e:
+        out["after_failure"] = str(e)
+    # The mesh really was released: it opens again in the same process.
+    mesh, _ = open_mesh(ttnn, "N300", load_profile)
+    out["reopen"] = mesh.name
+    mesh.close()
+    print("RESULT " + json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Run the real TT-NN backend on a MOCK mesh at full OpenVLA-7B widths with fewer layers.
+
+    python test/ttnn_mock/run_mock_model.py N300 --llm-layers 1 --vision-depth 3 --out result.json
+
+Run by test_ttnn_mock.py in a subprocess (with mock_env's environment, under a timeout): every op
+of vision, projector, prefill and decode goes through ttnn's real validation (shapes, tiling,
+sharding, memory configs, collectives, L1 budgets) on mock Wormhole chips. Mock devices read
+back zeros, so the tokens are meaningless; the widths, head counts and vocabulary are the real
+ones, only the depths are reduced (weights are zeros: no 15 GB checkpoint needed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_full_width_config(out: Path, llm_layers: int, vision_depth: int) -> Path:
+    """config.json of OpenVLA-7B (real widths: DINOv2 ViT-L, SigLIP So400m, Llama-2-7B) with
+    `llm_layers` decoder layers and `vision_depth` blocks per tower."""
+    from openvla_model.config import TIMM_KWARGS_FIELD
+    from openvla_model.tiny_checkpoint import tiny_config_json
+
+    cfg = tiny_config_json()
+    cfg[TIMM_KWARGS_FIELD] = [{"depth": vision_depth}, {"depth": vision_depth}]
+    cfg["text_config"] = {
+        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": llm_layers,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": 32064, "pad_token_id": 32000,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    cfg.pop("openvla_ros_tiny_random", None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+class ZeroCheckpoint:
+    """Duck-types Checkpoint: every expected tensor, all zeros (mock devices ignore values)."""
+
+    dir = None
+    key_file: dict = {}
+
+    def __init__(self):
+        self.shapes = {}
+
+    def validate(self, expected):
+        self.shapes = dict(expected)
+
+    def keys(self):
+        return list(self.shapes)
+
+    def load(self, keys, dtype=None, device="cpu"):
+        for k in keys:
+            yield k, torch.zeros(self.shapes[k], dtype=torch.bfloat16)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("mesh", choices=["N300", "T3K"])
+    p.add_argument("--llm-layers", type=int, default=1)
+    p.add_argument("--vision-depth", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=22)
+    p.add_argument("--calls", type=int, default=2, help="generate() calls (the KV cache is reused)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", required=True)
+    args = p.parse_args(argv)
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.config import load_config
+
+    work = Path(args.work)
+    config = load_config(write_full_width_config(work / "weights", args.llm_layers, args.vision_depth))
+    result = {"mesh": args.mesh, "llm_layers": args.llm_layers, "vision_depth": args.vision_depth}
+    t0 = time.perf_counter()
+    backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device=args.mesh, cache_dir=None, trace=False)
+    result["load_s"] = time.perf_counter() - t0
+    try:
+        result["describe"] = backend.describe()
+        gen = torch.Generator().manual_seed(0)
+        pixels = torch.randn(1, 6, 224, 224, generator=gen)
+        ids = np.array([1] + [100 + i for i in range(args.prompt_tokens - 2)] + [29871], np.int64)
+        calls = []
+        for _ in range(args.calls):
+            t = time.perf_counter()
+            tokens, timings = backend.generate(pixels, ids, 7)
+            calls.append({"tokens": tokens.tolist(), "timings_ms": timings, "wall_s": time.perf_counter() - t})
+        result["calls"] = calls
+        result["stage_keys"] = sorted(backend.stage_outputs(pixels, ids))
+        result["ok"] = True
+    finally:
+        backend.close()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
