@@ -56,7 +56,7 @@ def test_mock_mesh_runs_the_full_width_model_end_to_end(mesh, tmp_path):
 
 
 @pytest.mark.slow
-def test_mock_bad_input_gives_clear_errors_and_closes_the_mesh(tmp_path):
+def test_mock_bad_input_errors_close_the_mesh_and_weight_cache_round_trips(tmp_path):
     proc = _run([str(HERE / "ttnn_mock" / "run_mock_errors.py"), str(tmp_path)], "N300", tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -68,3 +68,8 @@ def test_mock_bad_input_gives_clear_errors_and_closes_the_mesh(tmp_path):
     assert r["closed_after_failure"] is True
     assert "failed earlier" in r["after_failure"]
     assert r["reopen"] == "N300"
+    cache = r["cache"]
+    assert cache["misses"] == 2 and cache["hits"] == 2 and cache["made"] == 2, cache
+    assert cache["files"] == ["test.replicated_dtype_BFLOAT16_layout_TILE.tensorbin",
+                              "test.sharded_dtype_BFLOAT8_B_layout_TILE.tensorbin"], cache
+    assert cache["shapes"] == [[64, 128], [64, 64]], cache

@@ -66,8 +66,25 @@ def main() -> int:
     except BackendError as e:
         out["after_failure"] = str(e)
     # The mesh really was released: it opens again in the same process.
-    mesh, _ = open_mesh(ttnn, "N300", load_profile)
+    mesh, profile = open_mesh(ttnn, "N300", load_profile)
     out["reopen"] = mesh.name
+    # Weight cache: the first put converts and writes a ttnn cache file, the second loads it
+    # (replicated and sharded tensors), without calling make() again.
+    from openvla_model.backends.ttnn.weights import WeightStore
+
+    store = WeightStore(ttnn, mesh, ZeroCheckpoint(), profile, cache_dir=work / "weight_cache")
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.arange(64 * 128, dtype=torch.float32).reshape(64, 128)
+
+    for _ in range(2):
+        rep = store.put("test.replicated", make, ttnn.bfloat16)
+        shard = store.put("test.sharded", make, ttnn.bfloat8_b, shard_dim=1)
+    out["cache"] = {"hits": store.hits, "misses": store.misses, "made": len(made),
+                    "files": sorted(p.name for p in (work / "weight_cache").iterdir()),
+                    "shapes": [list(rep.shape), list(shard.shape)]}
     mesh.close()
     print("RESULT " + json.dumps(out))
     return 0
