@@ -45,11 +45,12 @@ def _run(args, mesh, tmp_path):
 def test_mock_mesh_runs_the_full_width_model_end_to_end(mesh, tmp_path):
     out = tmp_path / "result.json"
     proc = _run([str(HERE / "ttnn_mock" / "run_mock_model.py"), mesh, "--llm-layers", "1", "--vision-depth", "3",
-                 "--calls", "2", "--out", str(out), "--work", str(tmp_path)], mesh, tmp_path)
+                 "--prompt-tokens", "22", "45", "--out", str(out), "--work", str(tmp_path)], mesh, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
     assert result["ok"] and result["describe"]["device"].startswith(mesh)
-    for call in result["calls"]:  # the second call reuses the preallocated KV cache
+    assert [c["prompt_tokens"] for c in result["calls"]] == [22, 45]
+    for call in result["calls"]:  # prefills of 288 and 320 rows; the second reuses the KV cache
         assert len(call["tokens"]) == 7
         assert set(call["timings_ms"]) == {"vision", "projector", "prefill", "decode"}
     assert result["stage_keys"] == ["decoder_layer0", "dinov2", "prefill_logits", "projector", "siglip", "vision"]

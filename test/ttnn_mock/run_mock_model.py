@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("mesh", choices=["N300", "T3K"])
     p.add_argument("--llm-layers", type=int, default=1)
     p.add_argument("--vision-depth", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=22)
-    p.add_argument("--calls", type=int, default=2, help="generate() calls (the KV cache is reused)")
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[22, 45],
+                   help="prompt length of each generate() call (the KV cache is reused); 22 and 45 give "
+                        "prefills of 288 and 320 rows")
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)
@@ -85,12 +86,13 @@ def main(argv=None) -> int:
         result["describe"] = backend.describe()
         gen = torch.Generator().manual_seed(0)
         pixels = torch.randn(1, 6, 224, 224, generator=gen)
-        ids = np.array([1] + [100 + i for i in range(args.prompt_tokens - 2)] + [29871], np.int64)
         calls = []
-        for _ in range(args.calls):
+        for n in args.prompt_tokens:
+            ids = np.array([1] + [100 + i for i in range(n - 2)] + [29871], np.int64)
             t = time.perf_counter()
             tokens, timings = backend.generate(pixels, ids, 7)
-            calls.append({"tokens": tokens.tolist(), "timings_ms": timings, "wall_s": time.perf_counter() - t})
+            calls.append({"prompt_tokens": n, "tokens": tokens.tolist(), "timings_ms": timings,
+                          "wall_s": time.perf_counter() - t})
         result["calls"] = calls
         result["stage_keys"] = sorted(backend.stage_outputs(pixels, ids))
         result["ok"] = True
