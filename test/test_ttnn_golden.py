@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from ttnn_golden.reference import STAGES, stage_pccs, torch_stage_outputs  # noqa: E402
+from ttnn_golden.reference import STAGES, stage_max_abs_diff, stage_pccs, torch_stage_outputs  # noqa: E402
 
 pytest.importorskip("ttnn", reason="ttnn not installed")
 
@@ -100,9 +100,10 @@ def test_golden_per_stage_pcc(golden, tiny_policy, mesh, record_property):
     be = golden[mesh]
     px = tiny_policy.preprocessor(_rgb(11))
     ids = tiny_policy.prompt_ids("push the green can to the right")
-    pccs = stage_pccs(be.stage_outputs(px, ids), torch_stage_outputs(tiny_policy.backend.modules, px, ids))
+    ours, ref = be.stage_outputs(px, ids), torch_stage_outputs(tiny_policy.backend.modules, px, ids)
+    pccs, diffs = stage_pccs(ours, ref), stage_max_abs_diff(ours, ref)
     line = f"golden PCC vs torch ({mesh}, tiny checkpoint, float32 logic check): " + ", ".join(
-        f"{k} {v:.9f}" for k, v in pccs.items())
+        f"{k} {v:.9f} (max |diff| {diffs[k]:.1e})" for k, v in pccs.items())
     print("\n" + line)
     record_property("pcc", pccs)
     for stage in STAGES:

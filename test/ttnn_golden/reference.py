@@ -42,3 +42,8 @@ def torch_stage_outputs(modules, pixel_values: torch.Tensor, input_ids: np.ndarr
 
 def stage_pccs(ttnn_out: dict, torch_out: dict) -> dict:
     return {k: pcc(ttnn_out[k].reshape(torch_out[k].shape), torch_out[k]) for k in STAGES}
+
+
+def stage_max_abs_diff(ttnn_out: dict, torch_out: dict) -> dict:
+    return {k: float((ttnn_out[k].reshape(torch_out[k].shape).double() - torch_out[k].double()).abs().max())
+            for k in STAGES}
