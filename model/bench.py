@@ -101,12 +101,11 @@ def make_sync(device):
     return lambda: None
 
 
-def time_backend(backend, pre, msgs, convert, ids, n, codec, sync, runs: int, warmup: int) -> dict:
-    """End-to-end runs through one backend; returns {stage: [ms per run]}."""
+def backend_runner(backend, pre, convert, ids, n, codec, sync):
+    """One end-to-end action through a backend: msg -> {stage: ms}."""
     clock = time.perf_counter
-    rec: dict[str, list] = {}
-    for i in range(warmup + runs):
-        msg = msgs[i % len(msgs)]
+
+    def once(msg) -> dict:
         sync()
         t0 = clock()
         rgb = convert(msg)
@@ -119,15 +118,13 @@ def time_backend(backend, pre, msgs, convert, ids, n, codec, sync, runs: int, wa
         dec = codec.decode_tokens(tokens)
         codec.unnormalize(dec.normalized, UNNORM_KEY)
         t4 = clock()
-        if i < warmup:
-            continue
         row = {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
                "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
         for k, ms in enumerate(getattr(backend, "last_decode_steps_ms", None) or []):
             row[f"decode_step_{k + 1}"] = ms
-        for k, v in row.items():
-            rec.setdefault(k, []).append(float(v))
-    return rec
+        return row
+
+    return once
 
 
 def _embed_sequence(modules, px, ids, device, dtype):
@@ -141,9 +138,10 @@ def _embed_sequence(modules, px, ids, device, dtype):
     return torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
 
 
-def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync):
+def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync, with_logits: bool = False):
     """The plain transformers path: vision + projector, then LlamaForCausalLM.generate() on the
-    multimodal inputs_embeds (greedy, n new tokens). Returns (tokens, {stage: ms})."""
+    multimodal inputs_embeds (greedy, n new tokens). Returns (tokens, {stage: ms}), plus the raw
+    float32 (n, vocab) logits of each step when with_logits."""
     import torch
     from transformers import GenerationConfig
 
@@ -154,22 +152,27 @@ def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync):
     t1 = clock()
     gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                           pad_token_id=pad_id, bos_token_id=1, eos_token_id=None)
+    extra = {"return_dict_in_generate": True, "output_logits": True} if with_logits else {}
     out = modules.llm.generate(inputs_embeds=seq, attention_mask=torch.ones(seq.shape[:2], dtype=torch.long,
                                                                             device=device),
-                               generation_config=gc)
-    tokens = out[0, -n:].cpu().numpy().astype(np.int64)
+                               generation_config=gc, **extra)
+    seqs = out.sequences if with_logits else out
+    tokens = seqs[0, -n:].cpu().numpy().astype(np.int64)
     t2 = clock()
-    return tokens, {"vision+projector": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3}
+    times = {"vision+projector": (t1 - t0) * 1e3, "generate": (t2 - t1) * 1e3}
+    if with_logits:
+        return tokens, times, torch.cat([lg.float() for lg in out.logits], dim=0).cpu()
+    return tokens, times
 
 
-def time_hf(modules, pre, msgs, convert, ids, n, codec, pad_id, device, dtype, sync, runs, warmup) -> dict:
+def hf_runner(modules, pre, convert, ids, n, codec, pad_id, device, dtype, sync):
+    """One end-to-end action through transformers' generate(): msg -> {stage: ms}."""
     import torch
 
     clock = time.perf_counter
-    rec: dict[str, list] = {}
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            msg = msgs[i % len(msgs)]
+
+    def once(msg) -> dict:
+        with torch.inference_mode():
             sync()
             t0 = clock()
             rgb = convert(msg)
@@ -181,12 +184,26 @@ def time_hf(modules, pre, msgs, convert, ids, n, codec, pad_id, device, dtype, s
             t3 = clock()
             codec.unnormalize(codec.decode_tokens(tokens).normalized, UNNORM_KEY)
             t4 = clock()
-            if i < warmup:
+        return {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
+                "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+
+    return once
+
+
+def time_interleaved(runners, msgs, runs: int, warmup: int, runs_of=None) -> dict:
+    """Warm every path up, then time them round-robin (run i of every path, then run i+1), so a
+    slower or busier moment of the machine hits all paths alike. -> {name: {stage: [ms]}}."""
+    runs_of = runs_of or {}
+    for name, once in runners:
+        for i in range(warmup):
+            once(msgs[i % len(msgs)])
+    rec = {name: {} for name, _ in runners}
+    for i in range(runs):
+        for name, once in runners:
+            if i >= runs_of.get(name, runs):
                 continue
-            row = {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
-                   "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
-            for k, v in row.items():
-                rec.setdefault(k, []).append(float(v))
+            for k, v in once(msgs[i % len(msgs)]).items():
+                rec[name].setdefault(k, []).append(float(v))
     return rec
 
 
@@ -234,9 +251,13 @@ def check_agreement(fast, ref, pre_ref, pre_fast, tokenizer, config, device, dty
                         "reference": ref_tok.tolist()}
                 tf = teacher_forced_logits(ref.modules, px, ids, ref_tok, device, dtype)
                 case["reference_margins"] = [_sig(_margin(tf[j])) for j in range(n)]
-                hf_tok, _ = hf_generate(ref.modules, px, ids, n, config.pad_token_id, device, dtype, sync)
+                hf_tok, _, hf_logits = hf_generate(ref.modules, px, ids, n, config.pad_token_id, device, dtype, sync,
+                                                   with_logits=True)
                 case["hf_generate"] = hf_tok.tolist()
                 case["hf_equal"] = bool(np.array_equal(hf_tok, ref_tok))
+                if case["hf_equal"]:
+                    # the noise floor: a KV-cached decode of the SAME model code vs one full forward
+                    case["hf_vs_reference_max_abs_logit_diff"] = _sig(float((hf_logits - tf).abs().max()))
                 if fast is not None:
                     fast_tok, _ = fast.generate(px, ids, n)
                     fl = fast.last_logits(n)
@@ -261,7 +282,9 @@ def check_agreement(fast, ref, pre_ref, pre_fast, tokenizer, config, device, dty
                         e2e, _ = fast.generate(px_dev, ids, n)
                         case["fast_with_device_preprocess_equal"] = bool(np.array_equal(e2e, ref_tok))
                 cases.append(case)
+    floor = [c["hf_vs_reference_max_abs_logit_diff"] for c in cases if "hf_vs_reference_max_abs_logit_diff" in c]
     out = {"cases": cases, "hf_equal": sum(c["hf_equal"] for c in cases), "n_cases": len(cases),
+           "hf_max_abs_logit_diff": max(floor) if floor else None,
            "min_reference_margin": min(min(c["reference_margins"]) for c in cases)}
     if fast is not None:
         out["fast_equal"] = sum(c["fast_equal"] for c in cases)
@@ -342,12 +365,16 @@ def run(args) -> dict:
     from .synthetic import synthetic_rgb
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype(None, device)
     sync = make_sync(device)
     cuda = device.type == "cuda"
     tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
     wdir, checkpoint, source = prepare_model_dir(args.size, args.weights, tmp)
     config = load_config(wdir)
+    # The policy's dtype defaults (float32 on a CPU) except for a large model on a CPU: a 7B model
+    # in float32 would need 30 GB of host memory, so it runs in bfloat16 there.
+    llm_params = 12 * config.llm.num_hidden_layers * config.llm.hidden_size ** 2
+    tiny_cpu = device.type == "cpu" and llm_params < 1e9
+    dtype = resolve_dtype(None, device) if (cuda or tiny_cpu) else resolve_dtype("bfloat16", device)
     tokenizer = PromptTokenizer(wdir)
     codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
     n = config.action_dim
@@ -387,34 +414,38 @@ def run(args) -> dict:
     if cuda:
         report["memory"]["load_peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
 
-    for name, backend, pre, default in paths:
+    # A full-size torch model on a CPU (the comparison beside a ttnn backend without a GPU) takes
+    # many seconds per action: time it with fewer runs (recorded in the report).
+    slow_torch = device.type == "cpu" and not tiny_cpu
+    ref_runs = min(args.runs, 3) if slow_torch else args.runs
+    report["torch_reference_runs"] = ref_runs
+    runners = [(name, backend_runner(backend, pre, convert, ids, n, codec, sync)) for name, backend, pre, _ in paths]
+    runners.append(("hf-generate", hf_runner(ref.modules, pre_cpu, convert, ids, n, codec, config.pad_token_id,
+                                             device, dtype, sync)))
+    describe = {name: backend.describe() for name, backend, _, _ in paths}
+    describe["hf-generate"] = {"path": "transformers LlamaForCausalLM.generate (greedy, DynamicCache)"}
+    default = {name: d for name, _, _, d in paths}
+    t = time.perf_counter()
+    slow_names = {name for name, _ in runners if slow_torch and (name.startswith("torch") or name == "hf-generate")}
+    memory = {}
+    for name, once in runners:  # warm-up, then each path's peak over one more action, before the next path runs
+        for i in range(1 if name in slow_names else WARMUP_RUNS):
+            once(msgs[i % len(msgs)])
         if cuda:
+            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        rec = time_backend(backend, pre, msgs, convert, ids, n, codec, sync, args.runs, WARMUP_RUNS)
-        entry = {"default": default, "describe": backend.describe(), "wall_s": round(time.perf_counter() - t, 2),
-                 "stages": {k: summarise(v) for k, v in rec.items()}}
-        if cuda:
-            entry["peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
-            entry["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved(device))
+            once(msgs[0])
             free, total = torch.cuda.mem_get_info(device)
-            entry["device_used_gb"] = _gb(total - free)
-        report["paths"][name] = entry
-        print(f"[bench] {name}: total median {entry['stages']['total']['median_ms']:.2f} ms", file=sys.stderr,
-              flush=True)
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    rec = time_hf(ref.modules, pre_cpu, msgs, convert, ids, n, codec, config.pad_token_id, device, dtype, sync,
-                  args.runs, WARMUP_RUNS)
-    entry = {"default": False, "describe": {"path": "transformers LlamaForCausalLM.generate (greedy, DynamicCache)"},
-             "stages": {k: summarise(v) for k, v in rec.items()}}
-    if cuda:
-        entry["peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
-        entry["peak_reserved_gb"] = _gb(torch.cuda.max_memory_reserved(device))
-    report["paths"]["hf-generate"] = entry
-    print(f"[bench] hf-generate: total median {entry['stages']['total']['median_ms']:.2f} ms", file=sys.stderr,
-          flush=True)
+            memory[name] = {"peak_allocated_gb": _gb(torch.cuda.max_memory_allocated(device)),
+                            "peak_reserved_gb": _gb(torch.cuda.max_memory_reserved(device)),
+                            "device_used_gb": _gb(total - free)}
+    rec = time_interleaved(runners, msgs, args.runs, 0, {name: ref_runs for name in slow_names})
+    report["timing_wall_s"] = round(time.perf_counter() - t, 2)
+    for name, _ in runners:
+        report["paths"][name] = {"default": default.get(name, False), "describe": describe[name],
+                                 "stages": {k: summarise(v) for k, v in rec[name].items()}, **memory.get(name, {})}
+        print(f"[bench] {name}: total median {report['paths'][name]['stages']['total']['median_ms']:.2f} ms",
+              file=sys.stderr, flush=True)
 
     main_name = paths[0][0]
     med = {k: v["stages"]["total"]["median_ms"] for k, v in report["paths"].items()}
@@ -442,6 +473,10 @@ def print_report(report: dict) -> None:
     print(f"one action = {report['frame']} frame -> {report['new_tokens']} tokens; prompt {report['prompt_tokens']} "
           f"tokens, sequence {report['sequence_length']}; {report['runs']} runs after {report['warmup_runs']} "
           f"warm-up runs per path; * = the path chosen by default on this device")
+    if report.get("torch_reference_runs", report["runs"]) != report["runs"]:
+        print(f"(torch-reference and hf-generate: {report['torch_reference_runs']} runs after 1 warm-up run: "
+              "a full-size torch model on the CPU)")
+    print("paths are timed round-robin (one run of each in turn), after their warm-up runs")
     print(format_table(report))
     for k, v in report["ratios"].items():
         print(f"ratio {k}: {v:.2f}x")
@@ -459,6 +494,8 @@ def print_report(report: dict) -> None:
     a = report.get("agreement")
     if a:
         line = f"token agreement over {a['n_cases']} image x prompt cases: hf-generate == reference {a['hf_equal']}"
+        if a.get("hf_max_abs_logit_diff") is not None:
+            line += f" (max |logit diff| {a['hf_max_abs_logit_diff']:.3g})"
         if "fast_equal" in a:
             line += f", fast == reference {a['fast_equal']} (max |logit diff| {a['max_abs_logit_diff']:.3g})"
         if "fast_with_device_preprocess_equal" in a:

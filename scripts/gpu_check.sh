@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue #6 device check, ONE call on a lent NVIDIA GPU: the full-size benchmark (fast path vs
 # torch reference vs transformers generate(), peak memory, token agreement) with compiled and
-# with eager element-wise ops, then the CUDA tests. Every output lands in $OUT (6 files).
+# with eager element-wise ops, the CUDA tests, and a kernel profile. Every output lands in $OUT
+# (7 files). GPU_CHECK_STEPS picks steps (default: bench bench_eager_ops pytest profile).
 #   device machine:   bash scripts/gpu_check.sh
 #   CPU dry run:      BENCH_SIZE=tiny BENCH_DEVICE=cpu bash scripts/gpu_check.sh
 # Needs python3 with torch, transformers, timm, safetensors, tokenizers, pytest (no install:
@@ -39,15 +40,25 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")' 2>&1
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step bench 210 "$PY" -m openvla_model.bench --size "$SIZE" --device "$DEVICE" --runs "$RUNS" --json "$OUT/bench.json"
-OPENVLA_TORCH_COMPILE=0 step bench_eager_ops 120 "$PY" -m openvla_model.bench --size "$SIZE" --device "$DEVICE" \
-  --runs "$((RUNS / 2 > 0 ? RUNS / 2 : 1))" --json "$OUT/bench_eager_ops.json"
-step pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider test/test_cuda_fast_path.py
+STEPS=${GPU_CHECK_STEPS:-bench bench_eager_ops pytest profile}
+for s in $STEPS; do
+  case $s in
+    bench) step bench 210 "$PY" -m openvla_model.bench --size "$SIZE" --device "$DEVICE" --runs "$RUNS" \
+             --json "$OUT/bench.json" ;;
+    bench_eager_ops) OPENVLA_TORCH_COMPILE=0 step bench_eager_ops 120 "$PY" -m openvla_model.bench --size "$SIZE" \
+             --device "$DEVICE" --runs "$((RUNS / 2 > 0 ? RUNS / 2 : 1))" --json "$OUT/bench_eager_ops.json" ;;
+    pytest) step pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider test/test_cuda_fast_path.py ;;
+    profile) step profile 120 "$PY" scripts/profile_fast_path.py ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
 
 rm -rf "$SHIM"
-for f in bench bench_eager_ops; do
-  echo "################ $f"
-  grep -v '^\[bench\]\|WARNING' "$OUT/$f.txt" | tail -n 45
+for s in $STEPS; do
+  [ -f "$OUT/$s.txt" ] || continue
+  echo "################ $s"
+  case $s in
+    bench*) grep -v '^\[bench\]\|WARNING' "$OUT/$s.txt" | tail -n 45 ;;
+    *) tail -n 45 "$OUT/$s.txt" ;;
+  esac
 done
-echo "################ pytest"
-tail -n 25 "$OUT/pytest.txt"

@@ -296,6 +296,7 @@ class FastTorchBackend:
             self.ops, self.ops_note = Ops(compiled=False), "eager"
 
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._vision_stream = torch.cuda.Stream(self.device) if cuda else None
         self._graphs: dict = {}
         self.graph_failures: dict[str, str] = {}
         self.last_decode_steps_ms: list[float] = []
@@ -346,7 +347,20 @@ class FastTorchBackend:
 
     # -- the model pieces (the functions that get captured) ------------------------------------
     def _vision(self):
-        self._patches.copy_(self.modules.vision(self._pixels.to(self.dtype)))
+        px = self._pixels.to(self.dtype)
+        side = self._vision_stream
+        if side is None:
+            self._patches.copy_(self.modules.vision(px))
+            return
+        # The two towers are independent and each too small to fill the GPU: run SigLIP on a
+        # side stream while DINOv2 runs here (fork/join, so the captured graph gets two branches).
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            siglip = self.modules.fused_featurizer(px[:, 3:])
+        dino = self.modules.featurizer(px[:, :3])
+        main.wait_stream(side)
+        self._patches.copy_(torch.cat([dino, siglip], dim=2))
 
     def _projector(self):
         self._projected.copy_(self.modules.projector(self._patches))
