@@ -235,3 +235,39 @@ def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_weights, ros_env):
     assert s["partial"] is True and 1 <= s["frames"]["processed"] < 60
     assert "PARTIAL" in (out / "report.md").read_text() and "PARTIAL report" in stdout
     assert len(read_output_bag(out)) == s["frames"]["processed"]
+
+
+def test_live_replay_into_the_node_process(tmp_path, tiny_weights, tiny_policy, ros_env):
+    """Live mode against openvla_node running as a separate process (loopback DDS): every
+    selected frame is either answered (same tokens as the policy API) or counted as dropped."""
+    from openvla_model.synthetic import synthetic_rgb
+
+    bag = write_episode(tmp_path / "ep", n_frames=10, gt="float64", period_s=0.25)
+    ns = f"/live{os.getpid()}"
+    node_cmd = [sys.executable, "-m", "openvla_ros.node", "--ros-args", "-r", f"__ns:={ns}",
+                "-p", "backend:=torch", "-p", "device:=cpu", "-p", "dtype:=float32", "-p", f"weights_path:={tiny_weights}",
+                "-p", "unnorm_key:=bridge_orig", "-p", "max_image_age_s:=5.0", "-p", "diagnostics_period_s:=0.2"]
+    log = open(tmp_path / "node.log", "w")
+    node = subprocess.Popen(node_cmd, env=ros_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "openvla_ros.replay.cli", str(bag), "--mode", "live", "--out", str(out),
+               "--node-image-topic", f"{ns}/image", "--node-instruction-topic", f"{ns}/instruction",
+               "--node-action-topic", f"{ns}/action_preview", "--wait-timeout-s", "90", "--quiet"]
+        run = subprocess.run(cmd, env=ros_env, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr + (tmp_path / "node.log").read_text()[-3000:]
+    finally:
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=30)
+        log.close()
+    s = json.loads((out / "summary.json").read_text())
+    f = s["frames"]
+    assert s["mode"] == "live" and f["selected"] == 10 and f["processed"] + f["dropped"] == 10
+    assert f["processed"] >= 5, s
+    assert s["latency_ms"]["p50"] > 0 and s["unnorm_key"] == "bridge_orig"
+    assert s["model"]["weights_path"] == str(tiny_weights) and s["model"]["backend"] == "torch"
+    check_numbers(out)
+    for r in (r for r in read_csv(out) if r["status"] == "ok"):
+        want = tiny_policy.predict(synthetic_rgb(int(r["frame"]), 96, 128), "pick up the red cup", "bridge_orig")
+        assert [int(r[f"token_{i}"]) for i in range(7)] == want.tokens.tolist()
+    assert len(read_output_bag(out)) == f["processed"]

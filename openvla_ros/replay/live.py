@@ -45,6 +45,19 @@ def run_live(ep, o, stop) -> tuple[list, dict]:
 
     node.create_subscription(EndEffectorAction, o.node_action_topic, on_action,
                              QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+    # The node's own view (backend, weights, its drop/reject counters) from /diagnostics.
+    node_ns = node.resolve_topic_name(o.node_action_topic).rsplit("/", 1)[0] + "/"
+    diagnostics: dict = {}
+
+    def on_diagnostics(arr):
+        for st in arr.status:
+            if st.name.startswith(node_ns) and "OpenVLA" in st.name:
+                diagnostics.clear()
+                diagnostics.update({kv.key: kv.value for kv in st.values})
+
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -137,5 +150,8 @@ def run_live(ep, o, stop) -> tuple[list, dict]:
                        sequence=a.sequence, instruction=a.instruction or row["instruction"])
             done_times.append(t_recv - t_first)
         rows.append(row)
-    model = {"backend": "openvla_node (live)", "action_topic": o.node_action_topic}
+    model = {"node": node_ns.rstrip("/") or "/", "action_topic": o.node_action_topic,
+             **{k: diagnostics[k] for k in ("backend", "mesh_device", "device", "dtype", "weights_path",
+                                            "model_load_time_s") if k in diagnostics},
+             "node_diagnostics": dict(diagnostics)}
     return rows, {"model": model, "unnorm_key": unnorm_key, "selected": len(sent), "done_times_s": sorted(done_times)}
