@@ -110,11 +110,32 @@ def test_golden_per_stage_pcc(golden, tiny_policy, mesh, record_property):
         assert pccs[stage] >= PCC_MIN, line
 
 
+def test_golden_interleaved_decode_matmuls_give_the_same_tokens(tiny_weights, tiny_policy):
+    """The fallback weight layout (decode_matmul: interleaved) on both meshes."""
+    from ttnn_golden.emulator import GoldenTTNN
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+
+    px = tiny_policy.preprocessor(_rgb(5))
+    ids = tiny_policy.prompt_ids(INSTRUCTIONS[1])
+    want, _ = tiny_policy.backend.generate(px, ids, 7)
+    for mesh, n in MESHES.items():
+        be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device=mesh, tt=GoldenTTNN(n),
+                         cache_dir=None, trace=False, profile_overrides={"decode_matmul": "interleaved"})
+        try:
+            assert be.describe()["decode_matmul"] == "interleaved"
+            assert be.generate(px, ids, 7)[0].tolist() == want.tolist()
+        finally:
+            be.close()
+
+
 def test_golden_emulation_ran_the_sharded_ops(golden):
     """The emulated mesh really went through the collectives and the decode-cache ops."""
     emu = golden["T3K"].tt
     for op in ("all_reduce", "all_gather", "paged_update_cache", "sdpa_decode", "fill_cache", "sdpa", "embedding"):
         assert emu.ops_run.get(op, 0) > 0, f"{op} never ran: {emu.ops_run}"
+    assert golden["T3K"].describe()["decode_matmul"] == "dram_sharded"  # the profiles' default
 
 
 def test_golden_detects_the_interleaved_rope_layout(tiny_weights, tiny_policy, monkeypatch):

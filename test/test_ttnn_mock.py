@@ -41,14 +41,18 @@ def _run(args, mesh, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["N300", "T3K"])
-def test_mock_mesh_runs_the_full_width_model_end_to_end(mesh, tmp_path):
+@pytest.mark.parametrize("mesh,decode_matmul", [("N300", "dram_sharded"), ("T3K", "interleaved")])
+def test_mock_mesh_runs_the_full_width_model_end_to_end(mesh, decode_matmul, tmp_path):
+    """Both decode-matmul layouts are validated: DRAM-sharded (the profiles' default) on the
+    N300, interleaved (the fallback) on the T3K; the golden tests cover both on both meshes."""
     out = tmp_path / "result.json"
     proc = _run([str(HERE / "ttnn_mock" / "run_mock_model.py"), mesh, "--llm-layers", "1", "--vision-depth", "3",
-                 "--prompt-tokens", "22", "45", "--out", str(out), "--work", str(tmp_path)], mesh, tmp_path)
+                 "--prompt-tokens", "22", "45", "--decode-matmul", decode_matmul, "--out", str(out),
+                 "--work", str(tmp_path)], mesh, tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
     assert result["ok"] and result["describe"]["device"].startswith(mesh)
+    assert result["describe"]["decode_matmul"] == decode_matmul
     assert [c["prompt_tokens"] for c in result["calls"]] == [22, 45]
     for call in result["calls"]:  # prefills of 288 and 320 rows; the second reuses the KV cache
         assert len(call["tokens"]) == 7
@@ -70,7 +74,9 @@ def test_mock_bad_input_errors_close_the_mesh_and_weight_cache_round_trips(tmp_p
     assert "failed earlier" in r["after_failure"]
     assert r["reopen"] == "N300"
     cache = r["cache"]
-    assert cache["misses"] == 2 and cache["hits"] == 2 and cache["made"] == 2, cache
-    assert cache["files"] == ["test.replicated_dtype_BFLOAT16_layout_TILE.tensorbin",
+    assert cache["misses"] == 3 and cache["hits"] == 3 and cache["made"] == 3, cache
+    assert cache["files"] == ["test.linear_dtype_BFLOAT16_layout_TILE.tensorbin",
+                              "test.replicated_dtype_BFLOAT16_layout_TILE.tensorbin",
                               "test.sharded_dtype_BFLOAT8_B_layout_TILE.tensorbin"], cache
-    assert cache["shapes"] == [[64, 128], [64, 64]], cache
+    assert cache["shapes"] == [[64, 128], [64, 64], [1, 1, 1, 64]], cache
+    assert "WIDTH_SHARDED" in cache["linear_layout"], cache

@@ -54,6 +54,7 @@ def test_profiles_follow_the_spec():
         cfg = p.compute_config(ttnn, "sdpa")
         assert cfg.math_fidelity == ttnn.MathFidelity.HiFi4
         assert p.max_seq_len >= 256 + 7 + 32
+        assert p.decode_matmul == "dram_sharded" and p.trace_decode
 
 
 def test_profile_errors_name_file_and_key(tmp_path):
@@ -63,6 +64,9 @@ def test_profile_errors_name_file_and_key(tmp_path):
         load_profile("N300", tmp_path)
     (tmp_path / "N300.yaml").write_text(text.replace("ffn: HiFi2", "ffn: HiFi5"))
     with pytest.raises(BackendError, match=r"fidelity.ffn = 'HiFi5'"):
+        load_profile("N300", tmp_path)
+    (tmp_path / "N300.yaml").write_text(text.replace("decode_matmul: dram_sharded", "decode_matmul: sharded"))
+    with pytest.raises(BackendError, match="decode_matmul = 'sharded'"):
         load_profile("N300", tmp_path)
     with pytest.raises(BackendError, match="no TT-NN precision profile for mesh 'T3K'"):
         load_profile("T3K", tmp_path)

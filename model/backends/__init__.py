@@ -28,6 +28,7 @@ def create_backend(name: str, config, checkpoint, **options):
         from .ttnn import TtnnBackend
 
         # mesh_device: N300 | T3K | auto ($MESH_DEVICE). precision: the node's precision.* overrides.
-        extra = {k: options[k] for k in ("precision", "cache_dir", "trace", "tt") if options.get(k) is not None}
+        extra = {k: options[k] for k in ("precision", "profile_overrides", "cache_dir", "trace", "tt")
+                 if options.get(k) is not None}
         return TtnnBackend(config, checkpoint, mesh_device=options.get("mesh_device"), **extra)
     raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

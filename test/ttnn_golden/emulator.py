@@ -23,7 +23,9 @@ _PASSTHROUGH = {
     "bfloat16", "bfloat8_b", "bfloat4_b", "float32", "uint32", "int32",
     "TILE_LAYOUT", "ROW_MAJOR_LAYOUT", "DRAM_MEMORY_CONFIG", "L1_MEMORY_CONFIG",
     "MathFidelity", "WormholeComputeKernelConfig", "FabricConfig", "MeshShape", "CoreGrid", "ShardStrategy",
-    "create_sharded_memory_config",
+    "create_sharded_memory_config", "CoreCoord", "CoreRange", "CoreRangeSet", "MemoryConfig", "TensorMemoryLayout",
+    "BufferType", "ShardSpec", "ShardOrientation", "num_cores_to_corerangeset", "L1_WIDTH_SHARDED_MEMORY_CONFIG",
+    "MatmulMultiCoreReuseMultiCastDRAMShardedProgramConfig", "MatmulMultiCoreReuseMultiCastProgramConfig",
 }
 # Keyword arguments that only steer the device (placement, kernels, precision): not part of the math.
 _DEVICE_ONLY = {"memory_config", "compute_kernel_config", "dtype", "program_config", "core_grid", "layout",
@@ -54,6 +56,13 @@ class EmuMesh:
 
     def get_num_devices(self):
         return self.n
+
+    # A Wormhole chip's grids (memory configs and program configs are built from them).
+    def dram_grid_size(self):
+        return ttnn.CoreCoord(12, 1)
+
+    def compute_with_storage_grid_size(self):
+        return ttnn.CoreCoord(8, 8)
 
 
 class _Mapper:
@@ -162,6 +171,9 @@ class GoldenTTNN:
         return t
 
     def to_memory_config(self, t, memory_config, **_):
+        return t
+
+    def sharded_to_interleaved(self, t, *_, **__):
         return t
 
     def deallocate(self, t, *_, **__):

@@ -79,12 +79,22 @@ def main() -> int:
         made.append(1)
         return torch.arange(64 * 128, dtype=torch.float32).reshape(64, 128)
 
+    from openvla_model.backends.ttnn.linear import Linear
+
+    assert profile.decode_matmul == "dram_sharded"
     for _ in range(2):
         rep = store.put("test.replicated", make, ttnn.bfloat16)
         shard = store.put("test.sharded", make, ttnn.bfloat8_b, shard_dim=1)
+        # a DRAM-sharded decode weight: the cache holds the tiles, the load re-shards them
+        lin = Linear(ttnn, mesh, profile, store, "test.linear", make, ttnn.bfloat16, shard_dim=1,
+                     in_features=64, out_features=64, compute=profile.compute_config(ttnn, "ffn"))
+        row = ttnn.from_torch(torch.zeros(1, 1, 1, 64), dtype=ttnn.bfloat16, layout=ttnn.TILE_LAYOUT,
+                              device=mesh.device, mesh_mapper=ttnn.ReplicateTensorToMesh(mesh.device))
+        y = lin.decode(row, ttnn.bfloat16)
     out["cache"] = {"hits": store.hits, "misses": store.misses, "made": len(made),
                     "files": sorted(p.name for p in (work / "weight_cache").iterdir()),
-                    "shapes": [list(rep.shape), list(shard.shape)]}
+                    "shapes": [list(rep.shape), list(shard.shape), list(y.shape)],
+                    "linear_layout": str(lin.weight.memory_config().memory_layout)}
     mesh.close()
     print("RESULT " + json.dumps(out))
     return 0

@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[22, 45],
                    help="prompt length of each generate() call (the KV cache is reused); 22 and 45 give "
                         "prefills of 288 and 320 rows")
+    p.add_argument("--decode-matmul", default=None, choices=["interleaved", "dram_sharded"],
+                   help="override the profile's decode_matmul")
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)
@@ -80,7 +82,9 @@ def main(argv=None) -> int:
     config = load_config(write_full_width_config(work / "weights", args.llm_layers, args.vision_depth))
     result = {"mesh": args.mesh, "llm_layers": args.llm_layers, "vision_depth": args.vision_depth}
     t0 = time.perf_counter()
-    backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device=args.mesh, cache_dir=None, trace=False)
+    overrides = {"decode_matmul": args.decode_matmul} if args.decode_matmul else None
+    backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device=args.mesh, cache_dir=None, trace=False,
+                          profile_overrides=overrides)
     result["load_s"] = time.perf_counter() - t0
     try:
         result["describe"] = backend.describe()

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .linear import Linear
 from .weights import TILE
 
 
@@ -97,9 +98,11 @@ class Attention:
                                  v[i * kl * d:(i + 1) * kl * d]], 0) for i in range(n)]
             return torch.cat(blocks, 0).transpose(0, 1)  # (hidden, n * (hl + 2 kl) d): chip i gets block i
 
-        self.wqkv = store.put(f"llm.{layer}.wqkv", wqkv, profile.dtype(tt, "wqkv"), shard_dim=1)
-        self.wo = store.put(f"llm.{layer}.wo", lambda: raw("o_proj.weight").transpose(0, 1),
-                            profile.dtype(tt, "wo"), shard_dim=0)
+        self.wqkv = Linear(tt, mesh, profile, store, f"llm.{layer}.wqkv", wqkv, profile.dtype(tt, "wqkv"), shard_dim=1,
+                           in_features=self.hidden, out_features=(hl + 2 * kl) * d, compute=self.qkv_compute)
+        self.wo = Linear(tt, mesh, profile, store, f"llm.{layer}.wo", lambda: raw("o_proj.weight").transpose(0, 1),
+                         profile.dtype(tt, "wo"), shard_dim=0, in_features=hl * d, out_features=self.hidden,
+                         compute=self.wo_compute)
         # Preallocated once for the longest sequence and reused: prefill overwrites rows 0..S-1,
         # decode writes row p before attending to rows 0..p, so stale rows are never read and no
         # reset is needed between calls.
@@ -122,7 +125,7 @@ class Attention:
         """x: (1, 1, seq, hidden) normed, replicated -> all-reduced (1, 1, seq, hidden).
         Fills KV-cache rows 0..seq-1 of this chip's heads."""
         tt, d = self.tt, self.head_dim
-        qkv = tt.linear(x, self.wqkv, compute_kernel_config=self.qkv_compute, dtype=self.act_dtype)
+        qkv = self.wqkv.prefill(x, self.act_dtype)
         q, k, v = self._split(qkv, seq)
         q = tt.permute(tt.reshape(q, (1, seq, self.local_heads, d)), (0, 2, 1, 3))  # (1, hl, seq, d)
         k = tt.permute(tt.reshape(k, (1, seq, self.local_kv, d)), (0, 2, 1, 3))
@@ -134,14 +137,14 @@ class Attention:
         o = tt.transformer.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                                         compute_kernel_config=self.sdpa_compute)
         o = tt.reshape(tt.permute(o, (0, 2, 1, 3)), (1, 1, seq, self.local_heads * d))
-        out = tt.linear(o, self.wo, compute_kernel_config=self.wo_compute, dtype=self.act_dtype)
+        out = self.wo.prefill(o, self.act_dtype)
         return all_reduce(tt, self.mesh, out)
 
     def decode(self, x, pos, cos, sin):
         """x: (1, 1, 1, hidden) normed; pos: (1,) int32 position on the mesh (a device tensor,
         so the step can be captured as a trace). Writes KV row pos, attends to rows 0..pos."""
         tt, d = self.tt, self.head_dim
-        qkv = tt.linear(x, self.wqkv, compute_kernel_config=self.qkv_compute, dtype=self.act_dtype)
+        qkv = self.wqkv.decode(x, self.act_dtype, dram_output=True)
         q, k, v = self._split(qkv, 1)
         q = tt.reshape(q, (1, 1, self.local_heads, d))  # [1, batch, heads, d]
         k = tt.reshape(k, (1, 1, self.local_kv, d))
@@ -156,5 +159,5 @@ class Attention:
             q, self.k_cache, self.v_cache, cur_pos_tensor=pos, scale=self.scale,
             compute_kernel_config=self.sdpa_compute)
         o = tt.reshape(o, (1, 1, 1, self.local_heads * d))
-        out = tt.linear(o, self.wo, compute_kernel_config=self.wo_compute, dtype=self.act_dtype)
+        out = self.wo.decode(o, self.act_dtype)
         return all_reduce(tt, self.mesh, out)

@@ -47,7 +47,12 @@ class TtnnBackend:
     name = "ttnn"
 
     def __init__(self, config, checkpoint, mesh_device: str | None = None, *, tt=None, precision: dict | None = None,
-                 cache_dir="auto", trace: bool | None = None, config_dir=None):
+                 profile_overrides: dict | None = None, cache_dir="auto", trace: bool | None = None, config_dir=None):
+        """mesh_device: N300 | T3K | auto. precision: the ROS node's precision.* parameters.
+        profile_overrides: keys of config/ttnn/<MESH>.yaml (e.g. {"decode_matmul": "dram_sharded"}).
+        cache_dir: converted-weight cache ("auto": keyed by checkpoint + mesh + dtypes; None: off).
+        trace: capture the decode step (default: the profile's trace_decode, never on mock devices).
+        tt: the ttnn module, or a stand-in with the same names (the golden-function tests)."""
         start = time.perf_counter()
         self.config = config
         self.tt = tt if tt is not None else import_ttnn()
@@ -55,7 +60,7 @@ class TtnnBackend:
         self._dead: str | None = None
         self._trace_id = None
         self._trace_out = None
-        overrides = overrides_from_node_precision(precision)
+        overrides = {**(profile_overrides or {}), **overrides_from_node_precision(precision)}
 
         def profile_loader(name):
             p = load_profile(name, config_dir, overrides)
@@ -102,7 +107,7 @@ class TtnnBackend:
         p = self.profile
         return {"backend": self.name, "device": f"{p.mesh_name} mesh {list(p.mesh_shape)}",
                 "dtype": ", ".join(f"{k}={v}" for k, v in p.dtypes.items()),
-                "trace_decode": bool(self.trace), "load_s": round(self.load_s, 2),
+                "trace_decode": bool(self.trace), "decode_matmul": p.decode_matmul, "load_s": round(self.load_s, 2),
                 "weight_cache": str(self.store.cache_dir) if self.store.cache_dir else None,
                 "state": "error: " + self._dead if self._dead else "ok"}
 

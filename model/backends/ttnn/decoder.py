@@ -31,4 +31,4 @@ class DecoderLayer:
     def decode(self, x, pos, cos, sin):
         tt = self.tt
         x = tt.add(x, self.attention.decode(self._norm(x, self.attn_norm), pos, cos, sin))
-        return tt.add(x, self.mlp(self._norm(x, self.ffn_norm)))
+        return tt.add(x, self.mlp(self._norm(x, self.ffn_norm), decode=True))

@@ -14,6 +14,7 @@ import torch
 from ...errors import InputError
 from .attention import Rope
 from .decoder import DecoderLayer
+from .linear import Linear
 from .weights import TILE, as_row, pad_dim, round_up
 
 
@@ -36,9 +37,10 @@ class LLM:
         self.layers = [DecoderLayer(tt, mesh, profile, store, llm_cfg, i, self.rope, max_seq)
                        for i in range(llm_cfg.num_hidden_layers)]
         self.norm = store.put("llm.norm", lambda: as_row(raw("model.norm.weight")), tt.bfloat16)
-        self.lm_head = store.put("llm.lm_head", lambda: pad_dim(raw("lm_head.weight").transpose(0, 1), 1,
-                                                                 self.vocab_padded),
-                                 profile.dtype(tt, "lm_head"), shard_dim=1)
+        self.lm_head = Linear(tt, mesh, profile, store, "llm.lm_head",
+                              lambda: pad_dim(raw("lm_head.weight").transpose(0, 1), 1, self.vocab_padded),
+                              profile.dtype(tt, "lm_head"), shard_dim=1, in_features=self.hidden,
+                              out_features=self.vocab_padded // n, compute=self.head_compute)
         rep = tt.ReplicateTensorToMesh(mesh.device)
         # Decode inputs: written from the host before each step (4 bytes each), read by the step.
         self.step_token = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
@@ -90,7 +92,8 @@ class LLM:
         tt = self.tt
         x_row = tt.rms_norm(x_row, weight=self.norm, epsilon=self.eps, compute_kernel_config=self.norm_compute)
         # Logits stay bf16 whatever the LM-head weight dtype (action logits differ by 0.06-0.25).
-        return tt.linear(x_row, self.lm_head, compute_kernel_config=self.head_compute, dtype=tt.bfloat16)
+        # One row in prefill and decode alike: the decode (one-row) matmul.
+        return self.lm_head.decode(x_row, tt.bfloat16)
 
     def prefill_layers(self, x, count: int | None = None):
         """Run the first `count` (default all) decoder layers over the whole sequence, filling

@@ -4,6 +4,7 @@ row-parallel, partial sums all-reduced. The intermediate width is zero-padded to
 from __future__ import annotations
 
 from .attention import all_reduce
+from .linear import Linear
 from .weights import TILE, pad_dim, round_up
 
 
@@ -16,17 +17,20 @@ class MLP:
         inter = round_up(llm_cfg.intermediate_size, TILE * mesh.num_devices)
         pre = f"model.layers.{layer}.mlp."
         raw = lambda name: store.raw("llm", pre + name)  # noqa: E731
-        self.w1 = store.put(f"llm.{layer}.w1", lambda: pad_dim(raw("gate_proj.weight").transpose(0, 1), 1, inter),
-                            dt, shard_dim=1)
-        self.w3 = store.put(f"llm.{layer}.w3", lambda: pad_dim(raw("up_proj.weight").transpose(0, 1), 1, inter),
-                            dt, shard_dim=1)
-        self.w2 = store.put(f"llm.{layer}.w2", lambda: pad_dim(raw("down_proj.weight").transpose(0, 1), 0, inter),
-                            dt, shard_dim=0)
+        hidden, local = llm_cfg.hidden_size, inter // mesh.num_devices
+        kw = dict(compute=self.compute)
+        self.w1 = Linear(tt, mesh, profile, store, f"llm.{layer}.w1",
+                         lambda: pad_dim(raw("gate_proj.weight").transpose(0, 1), 1, inter), dt, shard_dim=1,
+                         in_features=hidden, out_features=local, **kw)
+        self.w3 = Linear(tt, mesh, profile, store, f"llm.{layer}.w3",
+                         lambda: pad_dim(raw("up_proj.weight").transpose(0, 1), 1, inter), dt, shard_dim=1,
+                         in_features=hidden, out_features=local, **kw)
+        self.w2 = Linear(tt, mesh, profile, store, f"llm.{layer}.w2",
+                         lambda: pad_dim(raw("down_proj.weight").transpose(0, 1), 0, inter), dt, shard_dim=0,
+                         in_features=local, out_features=hidden, **kw)
 
-    def __call__(self, x):
+    def __call__(self, x, decode: bool = False):
         tt = self.tt
-        gate = tt.linear(x, self.w1, compute_kernel_config=self.compute, dtype=self.act_dtype)
-        up = tt.linear(x, self.w3, compute_kernel_config=self.compute, dtype=self.act_dtype)
-        h = tt.multiply(tt.silu(gate), up)
-        out = tt.linear(h, self.w2, compute_kernel_config=self.compute, dtype=self.act_dtype)
-        return all_reduce(tt, self.mesh, out)
+        mm = (lambda lin, a: lin.decode(a, self.act_dtype)) if decode else (lambda lin, a: lin.prefill(a, self.act_dtype))
+        h = tt.multiply(tt.silu(mm(self.w1, x)), mm(self.w3, x))
+        return all_reduce(tt, self.mesh, mm(self.w2, h))

@@ -18,6 +18,7 @@ DTYPE_ROLES = ("activations", "vision", "projector", "embedding", "wqkv", "wo", 
 FIDELITY_ROLES = ("vision", "projector", "qkv", "sdpa", "wo", "ffn", "lm_head")
 DTYPE_NAMES = ("bfloat16", "bfloat8_b", "bfloat4_b", "float32")
 FIDELITY_NAMES = ("LoFi", "HiFi2", "HiFi3", "HiFi4")
+DECODE_MATMULS = ("interleaved", "dram_sharded")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class PrecisionProfile:
     device: dict = field(default_factory=dict)
     max_seq_len: int = 512
     trace_decode: bool = True
+    decode_matmul: str = "interleaved"  # | dram_sharded (see linear.py)
     source: str = ""
 
     def dtype(self, tt, role: str):
@@ -88,9 +90,13 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     max_seq = int(data.get("max_seq_len", 512))
     if max_seq % 32 or max_seq < 288:
         raise BackendError(f"{path}: max_seq_len must be a multiple of 32 and >= 288, got {max_seq}")
+    decode_matmul = str(data.get("decode_matmul", "interleaved"))
+    if decode_matmul not in DECODE_MATMULS:
+        raise BackendError(f"{path}: decode_matmul = {decode_matmul!r}; expected one of {', '.join(DECODE_MATMULS)}")
     return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
                             device=dict(data.get("device") or {}), max_seq_len=max_seq,
-                            trace_decode=bool(data.get("trace_decode", True)), source=str(path))
+                            trace_decode=bool(data.get("trace_decode", True)), decode_matmul=decode_matmul,
+                            source=str(path))
 
 
 def check_against_ttnn(profile: PrecisionProfile, tt) -> None:

@@ -92,6 +92,8 @@ class WeightStore:
             try:
                 t = tt.as_tensor(None, dtype=dtype, layout=layout, device=mesh, memory_config=memory_config,
                                  mesh_mapper=mapper, cache_file_name=str(self.cache_dir / name))
+                if hasattr(t, "memory_config") and t.memory_config() != memory_config:
+                    t = tt.to_memory_config(t, memory_config)  # e.g. DRAM-sharded decode weights
                 self.hits += 1
                 return t
             except Exception as e:  # corrupt / incompatible cache file: rebuild it
