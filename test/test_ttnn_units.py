@@ -65,6 +65,9 @@ def test_profile_errors_name_file_and_key(tmp_path):
     (tmp_path / "N300.yaml").write_text(text.replace("ffn: HiFi2", "ffn: HiFi5"))
     with pytest.raises(BackendError, match=r"fidelity.ffn = 'HiFi5'"):
         load_profile("N300", tmp_path)
+    (tmp_path / "N300.yaml").write_text(text.replace("embedding: bfloat16", "embedding: bfloat8_b"))
+    with pytest.raises(BackendError, match="dtypes.embedding must be bfloat16"):
+        load_profile("N300", tmp_path)
     (tmp_path / "N300.yaml").write_text(text.replace("decode_matmul: dram_sharded", "decode_matmul: sharded"))
     with pytest.raises(BackendError, match="decode_matmul = 'sharded'"):
         load_profile("N300", tmp_path)

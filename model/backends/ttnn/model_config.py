@@ -81,6 +81,9 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
         if fidelity.get(role) not in FIDELITY_NAMES:
             raise BackendError(
                 f"{path}: fidelity.{role} = {fidelity.get(role)!r}; expected one of {', '.join(FIDELITY_NAMES)}")
+    if dtypes["embedding"] != "bfloat16":
+        raise BackendError(f"{path}: dtypes.embedding must be bfloat16 (ttnn.embedding looks rows up in a "
+                           f"row-major bfloat16 table), got {dtypes['embedding']!r}")
     unknown = sorted(set(dtypes) - set(DTYPE_ROLES)) + sorted(set(fidelity) - set(FIDELITY_ROLES))
     if unknown:
         raise BackendError(f"{path}: unknown precision keys {unknown}")
