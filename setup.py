@@ -20,7 +20,7 @@ setup(
         "console_scripts": [
             "openvla-predict=openvla_model.cli:predict_main",
             "openvla-tiny-checkpoint=openvla_model.cli:tiny_checkpoint_main",
-            "openvla-bench=openvla_model.bench:main",
+            "openvla-bench=openvla_ros.bench:main",
             "openvla-replay=openvla_ros.replay.cli:main",
             # ROS 2 node executables (colcon installs the same from scripts/bin/ into lib/openvla_ros)
             "openvla_node=openvla_ros.node:main",

@@ -5,8 +5,8 @@
 
 Without --weights, `--size full` builds the full OpenVLA-7B shape with RANDOM weights
 (initialised on the device in the working dtype; nothing is downloaded) and `--size tiny` writes
-the tiny random checkpoint. One run = one action on a 640x480 bgr8 frame: image conversion,
-preprocessing, vision, projector, prefill, each decode step, detokenize, total. Every stage is
+the tiny random checkpoint. One run = one action on a 640x480 frame: image conversion (a bgr8
+sensor_msgs/Image through the node's converter, when run as `openvla-bench`), preprocessing, vision, projector, prefill, each decode step, detokenize, total. Every stage is
 bracketed by a device synchronisation (or CUDA events for the fast path, which never syncs
 between stages); WARMUP_RUNS runs per path are excluded; median and p95 over --runs.
 
@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -46,26 +45,15 @@ log = logging.getLogger("openvla_model")
 
 # -- inputs ------------------------------------------------------------------------------------
 
-def frame_message(rgb: np.ndarray):
-    """A sensor_msgs/Image-shaped object (bgr8, no ROS needed) holding the frame."""
-    h, w, _ = rgb.shape
-    return SimpleNamespace(encoding="bgr8", height=h, width=w, step=w * 3,
-                           data=np.ascontiguousarray(rgb[..., ::-1]).tobytes())
+class FrameSource:
+    """What one run starts from. The model package knows no ROS messages: by default a run starts
+    from the RGB array (no conversion stage). `openvla-bench` (openvla_ros.bench) passes the
+    node's sensor_msgs/Image conversion so the benchmark covers it too."""
 
-
-def _image_converter():
-    """The node's converter when the ROS-side package is importable (pure numpy), else the same
-    numpy steps inline."""
-    try:
-        from openvla_ros.image_conversion import image_msg_to_rgb
-
-        return image_msg_to_rgb, "openvla_ros.image_conversion.image_msg_to_rgb"
-    except Exception:
-        def convert(msg):
-            a = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.step)[:, :msg.width * 3]
-            return np.ascontiguousarray(a.reshape(msg.height, msg.width, 3)[..., ::-1])
-
-        return convert, "numpy (bgr8 bytes -> RGB array)"
+    def __init__(self, make=None, convert=None, name: str = "none (starts from an RGB array)"):
+        self.make = make or (lambda rgb: rgb)
+        self.convert = convert or (lambda frame: frame)
+        self.name = name
 
 
 def prepare_model_dir(size: str, weights: str | None, tmp: Path):
@@ -352,7 +340,7 @@ def _gb(x) -> float:
     return round(x / 1e9, 3)
 
 
-def run(args) -> dict:
+def run(args, frames: FrameSource | None = None) -> dict:
     import torch
 
     from .action_codec import ActionCodec
@@ -378,14 +366,15 @@ def run(args) -> dict:
     tokenizer = PromptTokenizer(wdir)
     codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
     n = config.action_dim
-    convert, convert_name = _image_converter()
-    msgs = [frame_message(synthetic_rgb(s, FRAME_HEIGHT, FRAME_WIDTH)) for s in AGREEMENT_SEEDS]
+    frames = frames or FrameSource()
+    convert, convert_name = frames.convert, frames.name
+    msgs = [frames.make(synthetic_rgb(s, FRAME_HEIGHT, FRAME_WIDTH)) for s in AGREEMENT_SEEDS]
     ids = tokenizer.encode_prompt(INSTRUCTIONS[0])
     report = {"tool": "openvla-bench", "backend": args.backend, "size": args.size, "weights": source,
               "dtype": str(dtype).replace("torch.", ""), "runs": args.runs, "warmup_runs": WARMUP_RUNS,
               "instruction": INSTRUCTIONS[0], "prompt_tokens": int(ids.size),
               "sequence_length": int(ids.size + config.num_patches), "new_tokens": n,
-              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT} bgr8", "image_conversion": convert_name,
+              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}", "image_conversion": convert_name,
               "env": _env_info(device), "paths": {}, "memory": {}}
     pre_cpu = Preprocessor(config, device="cpu")
 
@@ -507,7 +496,7 @@ def print_report(report: dict) -> None:
                 print(f"  mismatch (image {c['image_seed']}, {c['prompt_tokens']} prompt tokens): {c['first_mismatch']}")
 
 
-def main(argv=None) -> int:
+def main(argv=None, frames: FrameSource | None = None) -> int:
     p = argparse.ArgumentParser(prog="openvla-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="torch", choices=["torch", "ttnn"])
@@ -533,7 +522,7 @@ def main(argv=None) -> int:
     from .errors import OpenVLAError
 
     try:
-        report = run(args)
+        report = run(args, frames)
     except (OpenVLAError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,9 +43,9 @@ cat "$OUT/env.txt"
 STEPS=${GPU_CHECK_STEPS:-bench bench_eager_ops pytest profile}
 for s in $STEPS; do
   case $s in
-    bench) step bench 210 "$PY" -m openvla_model.bench --size "$SIZE" --device "$DEVICE" --runs "$RUNS" \
+    bench) step bench 210 "$PY" -m openvla_ros.bench --size "$SIZE" --device "$DEVICE" --runs "$RUNS" \
              --json "$OUT/bench.json" ;;
-    bench_eager_ops) OPENVLA_TORCH_COMPILE=0 step bench_eager_ops 120 "$PY" -m openvla_model.bench --size "$SIZE" \
+    bench_eager_ops) OPENVLA_TORCH_COMPILE=0 step bench_eager_ops 120 "$PY" -m openvla_ros.bench --size "$SIZE" \
              --device "$DEVICE" --runs "$((RUNS / 2 > 0 ? RUNS / 2 : 1))" --json "$OUT/bench_eager_ops.json" ;;
     pytest) step pytest 120 "$PY" -m pytest -q -rs -p no:cacheprovider test/test_cuda_fast_path.py ;;
     profile) step profile 120 "$PY" scripts/profile_fast_path.py ;;

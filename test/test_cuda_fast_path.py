@@ -225,7 +225,7 @@ def test_compiled_ops_check_rejects_wrong_kernels():
 
 @pytest.mark.slow
 def test_bench_tiny_cpu_writes_a_complete_report(tiny_weights, tmp_path, capsys):
-    from openvla_model.bench import main
+    from openvla_ros.bench import main  # the openvla-bench entry point: includes the node's image conversion
 
     out = tmp_path / "bench.json"
     assert main(["--weights", str(tiny_weights), "--device", "cpu", "--runs", "2", "--json", str(out)]) == 0
@@ -239,6 +239,7 @@ def test_bench_tiny_cpu_writes_a_complete_report(tiny_weights, tmp_path, capsys)
     assert all(v > 0 for v in report["ratios"].values())
     a = report["agreement"]
     assert a["n_cases"] == 8 and a["fast_equal"] == 8 and a["hf_equal"] == 8
+    assert report["image_conversion"].startswith("openvla_ros.image_conversion.image_msg_to_rgb")
     printed = capsys.readouterr().out
     assert "ratio hf-generate / torch-fast" in printed and "token agreement" in printed
 
