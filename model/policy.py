@@ -119,12 +119,16 @@ def default_weights_path() -> str | None:
 
 def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "torch", *, device: str | None = None,
                 dtype: str | None = None, mesh_device: str | None = None, center_crop: bool = False,
-                default_unnorm_key: str | None = None) -> OpenVLAPolicy:
+                default_unnorm_key: str | None = None, fast: bool | None = None, precision: dict | None = None,
+                **backend_options) -> OpenVLAPolicy:
     """Load an OpenVLA checkpoint directory (HF layout) onto a backend.
 
     weights_path defaults to $OPENVLA_WEIGHTS; mesh_device (ttnn) defaults to $MESH_DEVICE.
     device: torch "cpu" | "cuda" | "auto" (default: cuda when available). dtype: "float32" |
-    "bfloat16" (default: float32 on CPU, bfloat16 on CUDA).
+    "bfloat16" (default: float32 on CPU, bfloat16 on CUDA). fast (torch): the CUDA fast path
+    (default: on for CUDA, see docs/performance.md; $OPENVLA_TORCH_FAST overrides). precision
+    (ttnn): per-mesh precision overrides (config/mesh/*.yaml). Other keyword arguments go to the
+    backend (ttnn: cache_dir, trace).
     """
     start = time.perf_counter()
     path = weights_path or default_weights_path()
@@ -139,7 +143,8 @@ def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "t
         codec.resolve_key(default_unnorm_key)
     checkpoint = Checkpoint(config.weights_dir)
     be = create_backend(backend, config, checkpoint, device=device, dtype=dtype,
-                        mesh_device=mesh_device or os.environ.get("MESH_DEVICE"))
+                        mesh_device=mesh_device or os.environ.get("MESH_DEVICE"), fast=fast, precision=precision,
+                        **backend_options)
     pre_device = getattr(be, "preprocess_device", "cpu")
     pre = Preprocessor(config, center_crop=center_crop, device=pre_device)
     return OpenVLAPolicy(config, be, tokenizer, codec, pre, default_unnorm_key=default_unnorm_key,

@@ -22,7 +22,6 @@ See docs/ros_node.md.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import signal
 import sys
@@ -77,8 +76,8 @@ def default_policy_loader(cfg: NodeConfig):
                   mesh_device=None if cfg.mesh_device == "auto" else cfg.mesh_device,
                   center_crop=cfg.center_crop,
                   default_unnorm_key=cfg.unnorm_key or None)
-    # The per-mesh precision profile goes to backends that accept it (the TT-NN backend).
-    if cfg.precision and "precision" in inspect.signature(load_policy).parameters:
+    # The per-mesh precision profile (config/mesh/*.yaml) is used by the TT-NN backend.
+    if cfg.precision:
         kwargs["precision"] = dict(cfg.precision)
     return load_policy(cfg.weights_path or None, **kwargs)
 
