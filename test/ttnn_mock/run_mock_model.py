@@ -22,14 +22,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_full_width_config(out: Path, llm_layers: int, vision_depth: int) -> Path:
+def write_full_width_config(out: Path, llm_layers: int, vision_depth: int | None) -> Path:
     """config.json of OpenVLA-7B (real widths: DINOv2 ViT-L, SigLIP So400m, Llama-2-7B) with
-    `llm_layers` decoder layers and `vision_depth` blocks per tower."""
+    `llm_layers` decoder layers and `vision_depth` blocks per tower (None: the real 24 / 27)."""
     from openvla_model.config import TIMM_KWARGS_FIELD
     from openvla_model.tiny_checkpoint import tiny_config_json
 
     cfg = tiny_config_json()
-    cfg[TIMM_KWARGS_FIELD] = [{"depth": vision_depth}, {"depth": vision_depth}]
+    cfg[TIMM_KWARGS_FIELD] = [{"depth": vision_depth}, {"depth": vision_depth}] if vision_depth else [{}, {}]
     cfg["text_config"] = {
         "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": llm_layers,
         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 2048,
@@ -61,11 +61,26 @@ class ZeroCheckpoint:
             yield k, torch.zeros(self.shapes[k], dtype=torch.bfloat16)
 
 
+def dram_headroom_gb(ttnn, device, chunk_mb: int = 256) -> float:
+    """Free DRAM per chip: allocate chunks (no data moves) until the allocator refuses. Mock
+    chips have the real Wormhole DRAM banks, so this is the headroom a card would have."""
+    rows = chunk_mb * 1024 * 1024 // (2 * 4096)
+    held = []
+    try:
+        while len(held) < 1000:
+            held.append(ttnn.empty([1, 1, rows, 4096], ttnn.bfloat16, ttnn.TILE_LAYOUT, device, ttnn.DRAM_MEMORY_CONFIG))
+    except RuntimeError:
+        pass
+    for t in held:
+        ttnn.deallocate(t)
+    return len(held) * chunk_mb / 1024
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("mesh", choices=["N300", "T3K"])
     p.add_argument("--llm-layers", type=int, default=1)
-    p.add_argument("--vision-depth", type=int, default=3)
+    p.add_argument("--vision-depth", type=int, default=3, help="blocks per tower; 0 = the real 24 / 27")
     p.add_argument("--prompt-tokens", type=int, nargs="+", default=[22, 45],
                    help="prompt length of each generate() call (the KV cache is reused); 22 and 45 give "
                         "prefills of 288 and 320 rows")
@@ -79,7 +94,7 @@ def main(argv=None) -> int:
     from openvla_model.config import load_config
 
     work = Path(args.work)
-    config = load_config(write_full_width_config(work / "weights", args.llm_layers, args.vision_depth))
+    config = load_config(write_full_width_config(work / "weights", args.llm_layers, args.vision_depth or None))
     result = {"mesh": args.mesh, "llm_layers": args.llm_layers, "vision_depth": args.vision_depth}
     t0 = time.perf_counter()
     overrides = {"decode_matmul": args.decode_matmul} if args.decode_matmul else None
@@ -99,6 +114,9 @@ def main(argv=None) -> int:
                           "wall_s": time.perf_counter() - t})
         result["calls"] = calls
         result["stage_keys"] = sorted(backend.stage_outputs(pixels, ids))
+        import ttnn
+
+        result["dram_headroom_gb_per_chip"] = dram_headroom_gb(ttnn, backend.mesh.device)
         result["ok"] = True
     finally:
         backend.close()
