@@ -12,14 +12,13 @@ figures and for comparing two implementations on the same weights, nothing else.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
 import torch
 
 from .config import TIMM_KWARGS_FIELD
-from .tiny_checkpoint import build_tokenizer_json, preprocessor_config_json, tiny_config_json
+from .tiny_checkpoint import tiny_config_json, write_model_files
 
 # Llama-2-7B as used by OpenVLA (openvla-spec.md section 4). rms_norm_eps: the LlamaConfig
 # default (1e-6); the released checkpoint's text_config is what a real run must read instead.
@@ -49,20 +48,10 @@ def full_config_json() -> dict:
 def write_full_config(out_dir: str | Path) -> Path:
     """Write config.json, preprocessor_config.json, dataset_statistics.json and the test
     tokenizer (no weights) for the full-size architecture."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = full_config_json()
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_json(), indent=2))
-    (out / "dataset_statistics.json").write_text(json.dumps(cfg["norm_stats"], indent=2))
-    (out / "tokenizer.json").write_text(build_tokenizer_json())
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "pad_token": "<PAD>", "add_bos_token": True, "add_eos_token": False}, indent=2))
-    (out / "README.txt").write_text(
+    return write_model_files(
+        out_dir, full_config_json(),
         "Full-size OpenVLA-7B config WITHOUT weights, written by openvla_model.full_config for benchmarks.\n"
         "Pair it with RandomCheckpoint: random weights, meaningless actions.\n")
-    return out
 
 
 class RandomCheckpoint:

@@ -178,13 +178,11 @@ def _randomise(modules: OpenVLAModules, gen: torch.Generator, first_action: int,
         head[first_action:last_action + 1].mul_(12.0)
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                          num_shards: int = 3) -> Path:
-    from safetensors.torch import save_file
-
+def write_model_files(out_dir: str | Path, cfg: dict, readme: str) -> Path:
+    """Everything of the HF layout except the weights: config.json, preprocessor_config.json,
+    dataset_statistics.json, the offline tokenizer files, and a README saying what this is."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config_json()
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_json(), indent=2))
     (out / "dataset_statistics.json").write_text(json.dumps(cfg["norm_stats"], indent=2))
@@ -196,9 +194,17 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<PAD>"}, indent=2))
     (out / "added_tokens.json").write_text(json.dumps({"<PAD>": 32000}))
-    (out / "README.txt").write_text(
-        "TINY RANDOM OpenVLA test checkpoint written by openvla-tiny-checkpoint.\n"
-        "Same layout and key names as openvla/openvla-7b at tiny sizes. Its actions are MEANINGLESS.\n")
+    (out / "README.txt").write_text(readme)
+    return out
+
+
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                          num_shards: int = 3) -> Path:
+    from safetensors.torch import save_file
+
+    out = write_model_files(out_dir, tiny_config_json(),
+                            "TINY RANDOM OpenVLA test checkpoint written by openvla-tiny-checkpoint.\n"
+                            "Same layout and key names as openvla/openvla-7b at tiny sizes. Its actions are MEANINGLESS.\n")
 
     config = load_config(out)
     torch.manual_seed(seed)
