@@ -615,22 +615,31 @@ def make_node(namespace, tiny_weights, loader=None, **params):
 
 @pytest.fixture
 def inproc(ros, tiny_weights, tiny_policy):
+    """In-process node + harness on an executor of this test's own: it is stopped before the
+    nodes are destroyed (destroying nodes under a spinning executor can kill its thread and with
+    it every later test of the module)."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    executor = SingleThreadedExecutor()
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
     made = []
 
     def factory(namespace, compressed=False, scripted=True, **params):
         scripted_policy = ScriptedPolicy(tiny_policy) if scripted else None
         loader = (lambda cfg: scripted_policy) if scripted else None
         node = make_node(namespace, tiny_weights, loader, **params)
-        ros.add_node(node)
-        h = Harness(ros, namespace, "openvla_in", compressed=compressed)
+        executor.add_node(node)
+        h = Harness(executor, namespace, "openvla_in", compressed=compressed)
         made.append((node, h))
         return node, h, scripted_policy
 
     yield factory
+    executor.shutdown(timeout_sec=5.0)
+    thread.join(5.0)
     for node, h in made:
         h.close()
         node.close()
-        ros.remove_node(node)
         node.destroy_node()
 
 
