@@ -3,7 +3,8 @@
     ros2 launch openvla_ros openvla.launch.py mesh_device:=N300 weights_path:=/path/to/openvla-7b
 
 Parameters come from, in order (later wins): params_file (default config/openvla.yaml), the
-per-mesh precision profile config/mesh/<mesh_device>.yaml (N300, T3K; `auto` uses $MESH_DEVICE),
+per-mesh parameters config/mesh/<mesh_device>.yaml (N300, T3K; `auto` uses $MESH_DEVICE; the TT-NN
+precision profile itself is config/ttnn/<mesh>.yaml),
 then the non-empty launch arguments below. The node starts in dry-run mode unless
 start_enabled:=true: actions appear on `action_preview`; enable motion with
     ros2 service call /<namespace>/openvla_node/enable std_srvs/srv/SetBool "{data: true}"

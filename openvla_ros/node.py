@@ -76,7 +76,7 @@ def default_policy_loader(cfg: NodeConfig):
                   mesh_device=None if cfg.mesh_device == "auto" else cfg.mesh_device,
                   center_crop=cfg.center_crop,
                   default_unnorm_key=cfg.unnorm_key or None)
-    # The per-mesh precision profile (config/mesh/*.yaml) is used by the TT-NN backend.
+    # Precision overrides (config/mesh/*.yaml) on top of the TT-NN profile (config/ttnn/*.yaml).
     if cfg.precision:
         kwargs["precision"] = dict(cfg.precision)
     return load_policy(cfg.weights_path or None, **kwargs)

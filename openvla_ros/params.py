@@ -24,7 +24,7 @@ RELIABILITIES = ("best_effort", "reliable")
 DURABILITIES = ("volatile", "transient_local")
 INFERENCE_MODES = ("on_frame", "fixed_rate")
 
-# Per-mesh TT-NN precision profile (config/mesh/*.yaml). Empty = the backend's own default.
+# Overrides of the TT-NN precision profile (config/ttnn/<mesh>.yaml). Empty = the profile's value.
 PRECISION_DTYPES = ("", "bf16", "bfp8", "bfp4", "fp32")
 PRECISION_FIDELITIES = ("", "lofi", "hifi2", "hifi3", "hifi4")
 PRECISION_KEYS = {
@@ -100,8 +100,8 @@ SPECS: dict[str, Spec] = {
     "unnorm_key": Spec("", "Dataset statistics key used to un-normalise actions (e.g. bridge_orig). Required when "
                        "the checkpoint has several datasets.", read_only=False),
     "center_crop": Spec(False, "Central 90% crop before resizing (only for LIBERO fine-tunes)."),
-    **{k: Spec("", f"TT-NN precision profile entry ({', '.join(c for c in v if c)}; empty = backend default). "
-               "Set per mesh in config/mesh/*.yaml.", choices=v) for k, v in PRECISION_KEYS.items()},
+    **{k: Spec("", f"Override of the TT-NN precision profile config/ttnn/<mesh>.yaml ({', '.join(c for c in v if c)}; "
+               "empty = the profile's value). Per mesh: config/mesh/*.yaml.", choices=v) for k, v in PRECISION_KEYS.items()},
     # -- inputs --
     "image_transport": Spec("raw", "raw: subscribe `image` (sensor_msgs/Image); compressed: subscribe "
                             "`image/compressed` (sensor_msgs/CompressedImage).", choices=IMAGE_TRANSPORTS),

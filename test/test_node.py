@@ -67,27 +67,27 @@ def test_integers_are_accepted_for_float_parameters():
     assert cfg.limits.max_delta_position_m == (1.0, 1.0, 1.0)
 
 
-def test_mesh_precision_profiles_match_the_spec():
+def test_mesh_parameter_files_select_the_mesh_and_the_spec_precision():
+    """config/mesh/<MESH>.yaml selects the mesh; the precision it leads to (the backend profile
+    config/ttnn/<MESH>.yaml plus any overrides in the mesh file) is the spec's."""
     import yaml
 
+    from openvla_model.backends.ttnn.model_config import load_profile, overrides_from_node_precision
     from openvla_ros.params import validate
 
-    def load(name):
-        return yaml.safe_load((ROOT / "config" / "mesh" / name).read_text())["/**"]["ros__parameters"]
-
-    n300, t3k = load("N300.yaml"), load("T3K.yaml")
-    assert n300["mesh_device"] == "N300" and t3k["mesh_device"] == "T3K"
-    p = n300["precision"]
-    assert [p[k] for k in ("wqkv_dtype", "wo_dtype", "kv_cache_dtype", "activation_dtype")] == ["bf16"] * 4
-    assert [p[k] for k in ("qkv_math_fidelity", "sdpa_math_fidelity", "wo_math_fidelity")] == ["hifi4"] * 3
-    assert (p["ffn_weight_dtype"], p["ffn_math_fidelity"]) == ("bfp8", "hifi2")
-    q = t3k["precision"]
-    assert {v for k, v in q.items() if k.endswith("_dtype")} == {"bf16"}
-    assert {v for k, v in q.items() if k.endswith("_fidelity")} == {"hifi4"}
-    assert p["lm_head_logits_dtype"] == q["lm_head_logits_dtype"] == "bf16"
-    for prof in (n300, t3k):  # every name is a declared parameter with a valid value
-        cfg = validate({"mesh_device": prof["mesh_device"], **{f"precision.{k}": v for k, v in prof["precision"].items()}})
-        assert cfg.precision == prof["precision"]
+    for mesh in ("N300", "T3K"):
+        params = yaml.safe_load((ROOT / "config" / "mesh" / f"{mesh}.yaml").read_text())["/**"]["ros__parameters"]
+        assert params["mesh_device"] == mesh
+        overrides = params.get("precision") or {}
+        cfg = validate({"mesh_device": mesh, **{f"precision.{k}": v for k, v in overrides.items()}})
+        p = load_profile(mesh, overrides=overrides_from_node_precision(cfg.precision))
+        if mesh == "N300":
+            assert [p.dtypes[r] for r in ("wqkv", "wo", "kv_cache", "activations")] == ["bfloat16"] * 4
+            assert [p.fidelity[r] for r in ("qkv", "sdpa", "wo")] == ["HiFi4"] * 3
+            assert (p.dtypes["ffn"], p.fidelity["ffn"]) == ("bfloat8_b", "HiFi2")
+        else:
+            assert set(p.dtypes.values()) == {"bfloat16"} and set(p.fidelity.values()) == {"HiFi4"}
+        assert p.dtypes["lm_head"] == "bfloat16"
 
 
 def test_default_params_file_is_valid():
@@ -800,19 +800,23 @@ def test_inprocess_fixed_rate_mode_limits_inference_and_drops_extra_frames(inpro
 
 
 @requires_ros
-def test_params_files_and_mesh_profile_load_into_the_node(ros):
+def test_params_files_and_mesh_profile_load_into_the_node(ros, tmp_path):
     from rclpy.parameter import Parameter
 
     from openvla_ros.node import OpenVLANode
 
+    # a robot-local precision override, as one would uncomment it in config/mesh/N300.yaml
+    override = tmp_path / "override.yaml"
+    override.write_text("/**:\n  ros__parameters:\n    precision:\n      ffn_weight_dtype: bf16\n")
     node = OpenVLANode("openvla_params", namespace="/pf",
                        cli_args=["--ros-args", "--params-file", str(ROOT / "config" / "openvla.yaml"),
-                                 "--params-file", str(ROOT / "config" / "mesh" / "N300.yaml")],
+                                 "--params-file", str(ROOT / "config" / "mesh" / "N300.yaml"),
+                                 "--params-file", str(override)],
                        parameter_overrides=[Parameter("autostart", value=False)])
     try:
         cfg = node.cfg
         assert cfg.mesh_device == "N300" and cfg.backend == "ttnn" and cfg.unnorm_key == "bridge_orig"
-        assert cfg.precision["ffn_weight_dtype"] == "bfp8" and cfg.precision["lm_head_logits_dtype"] == "bf16"
+        assert cfg.precision == {"ffn_weight_dtype": "bf16"}  # only what was overridden; the rest: config/ttnn
         assert cfg.start_enabled is False and cfg.autostart is False
         assert node.lifecycle_state() == "unconfigured"
     finally:
