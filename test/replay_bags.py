@@ -75,3 +75,30 @@ def write_episode(path: Path, n_frames: int = 12, storage: str = "sqlite3", vers
                                        inference_ms=0.0, latency_ms=0.0, sequence=i)
                 wr.write(gtc, t + 500, store.serialize_cdr(m, gt_types[gt]))
     return path
+
+
+def downgrade_to_humble(path: Path) -> Path:
+    """Rewrite a sqlite3 bag as ROS 2 Humble records it: metadata.yaml version 5 (no ros_distro,
+    custom_data or type hashes) and database schema 3 (no embedded message definitions), so the
+    reader must fall back to our typestore, custom EndEffectorAction included."""
+    import sqlite3
+
+    import yaml
+
+    meta_path = path / "metadata.yaml"
+    meta = yaml.safe_load(meta_path.read_text())
+    info = meta["rosbag2_bagfile_information"]
+    info["version"] = 5
+    for key in ("ros_distro", "custom_data"):
+        info.pop(key, None)
+    for t in info["topics_with_message_count"]:
+        t["topic_metadata"].pop("type_description_hash", None)
+    meta_path.write_text(yaml.safe_dump(meta))
+    for db in path.glob("*.db3"):
+        con = sqlite3.connect(db)
+        con.execute("DROP TABLE IF EXISTS message_definitions")
+        con.execute("DROP TABLE IF EXISTS metadata")
+        con.execute("UPDATE schema SET schema_version = 3")
+        con.commit()
+        con.close()
+    return path

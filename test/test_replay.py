@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_ros
-from replay_bags import gt_action, write_episode
+from replay_bags import downgrade_to_humble, gt_action, write_episode
 
 pytestmark = requires_ros  # the replay tool is ROS glue (openvla_ros.msg, rosbags types)
 
@@ -98,6 +98,22 @@ def test_offline_replay_numbers_and_outputs(tmp_path, tiny_weights, capsys, stor
         assert m.delta_position.x == pytest.approx(float(r["pred_x"]), rel=1e-5)
         assert m.instruction == "pick up the red cup" and m.unnorm_key == "bridge_orig"
     assert not list(tmp_path.glob("*.incomplete"))
+
+
+def test_humble_bag_without_embedded_definitions(tmp_path, tiny_weights, capsys):
+    """A Humble-format bag (metadata v5, no message definitions): types come from our typestore,
+    the custom EndEffectorAction ground truth included."""
+    bag = downgrade_to_humble(write_episode(tmp_path / "ep", n_frames=4, storage="sqlite3", version=8, gt="action"))
+    assert "version: 5" in (bag / "metadata.yaml").read_text()
+    from rosbags.highlevel import AnyReader, AnyReaderError
+
+    with pytest.raises(AnyReaderError, match="no type definitions"):  # nothing embedded to fall back on
+        AnyReader([bag]).open()
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    s, _ = check_numbers(out)
+    assert s["frames"]["processed"] == 4 and s["frames_with_gt"] == 4
 
 
 def test_offline_same_tokens_as_the_policy_api(tmp_path, tiny_weights, tiny_policy, capsys):
