@@ -11,12 +11,13 @@ start_enabled:=true: actions appear on `action_preview`; enable motion with
 See docs/ros_node.md.
 """
 import os
-import sys
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
+
+from openvla_ros.launch_support import node_command
 
 # Works from the source tree and from share/openvla_ros/launch (config/ sits beside launch/).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
@@ -39,24 +40,6 @@ ARGUMENTS = [
     ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
     ("log_level", "info", "debug | info | warn | error"),
 ]
-
-
-def node_command(module: str, executable: str) -> dict:
-    """launch_ros Node kwargs for one of our executables: the colcon-installed one when the
-    package is in the ament index (what `ros2 run` uses), else the pip console script beside
-    this Python, else `python -m <module>` (dev venv, source tree)."""
-    try:
-        from ament_index_python.packages import get_package_prefix
-
-        prefix = get_package_prefix("openvla_ros")
-        if os.access(os.path.join(prefix, "lib", "openvla_ros", executable), os.X_OK):
-            return {"package": "openvla_ros", "executable": executable}
-    except Exception:  # noqa: BLE001 - not in the ament index: fall through
-        pass
-    script = os.path.join(os.path.dirname(sys.executable), executable)
-    if os.access(script, os.X_OK):
-        return {"executable": script}
-    return {"executable": sys.executable, "arguments": ["-m", module]}
 
 
 def _truthy(text: str) -> bool:

@@ -14,25 +14,16 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
+from openvla_ros.launch_support import node_command
+
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(os.path.dirname(LAUNCH_DIR), "config")
-
-
-def _load_helper():
-    # One executable-resolution rule for both launch files (they sit in the same directory).
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_openvla_launch", os.path.join(LAUNCH_DIR, "openvla.launch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.node_command
 
 
 def _make_nodes(context, *args, **kwargs):
     def arg(name):
         return LaunchConfiguration(name).perform(context).strip()
 
-    node_command = _load_helper()
     camera = Node(
         **node_command("openvla_ros.synthetic_camera", "openvla_synthetic_camera"),
         name="synthetic_camera", namespace=arg("namespace"),

@@ -9,15 +9,16 @@ report lands in `out`; launch shuts down when the replay finishes. With rosbag2 
 instead run `ros2 bag play` against a running node (see docs/replay.md).
 """
 import os
-import sys
 
 from launch import LaunchDescription
-from launch.actions import (DeclareLaunchArgument, EmitEvent, IncludeLaunchDescription, OpaqueFunction,
-                            RegisterEventHandler)
+from launch.actions import (DeclareLaunchArgument, EmitEvent, ExecuteProcess, IncludeLaunchDescription,
+                            OpaqueFunction, RegisterEventHandler)
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
+
+from openvla_ros.launch_support import executable_command
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,18 +38,6 @@ ARGUMENTS = [
 ]
 
 
-def _replay_command() -> list:
-    try:
-        from ament_index_python.packages import get_package_prefix
-
-        exe = os.path.join(get_package_prefix("openvla_ros"), "lib", "openvla_ros", "openvla-replay")
-        if os.access(exe, os.X_OK):
-            return [exe]
-    except Exception:  # noqa: BLE001 - not in the ament index: run the module
-        pass
-    return [sys.executable, "-m", "openvla_ros.replay.cli"]
-
-
 def _make(context, *args, **kwargs):
     def arg(name):
         return LaunchConfiguration(name).perform(context).strip()
@@ -60,15 +49,13 @@ def _make(context, *args, **kwargs):
                           "backend": arg("backend"), "device": arg("device"), "mesh_device": arg("mesh_device"),
                           "unnorm_key": arg("unnorm_key"), "start_enabled": "false",
                           "image_topic": "image", "instruction_topic": "instruction"}.items())
-    cmd = _replay_command() + [arg("bag"), "--mode", "live", "--rate", arg("rate"),
+    cmd = executable_command("openvla_ros.replay.cli", "openvla-replay") + [arg("bag"), "--mode", "live", "--rate", arg("rate"),
                                "--node-image-topic", f"{ns}/image", "--node-instruction-topic", f"{ns}/instruction",
                                "--node-action-topic", f"{ns}/action_preview", "--wait-timeout-s", "300"]
     for name, flag in (("out", "--out"), ("bag_image_topic", "--image-topic"),
                        ("bag_instruction_topic", "--instruction-topic"), ("instruction", "--instruction")):
         if arg(name):
             cmd += [flag, arg(name)]
-    from launch.actions import ExecuteProcess
-
     replay = ExecuteProcess(cmd=cmd, name="openvla_replay", output="screen")
     done = RegisterEventHandler(OnProcessExit(target_action=replay, on_exit=[EmitEvent(event=Shutdown(
         reason="replay finished"))]))

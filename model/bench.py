@@ -89,8 +89,8 @@ def make_sync(device):
     return lambda: None
 
 
-def backend_runner(backend, pre, convert, ids, n, codec, sync):
-    """One end-to-end action through a backend: msg -> {stage: ms}."""
+def _action_runner(generate, pre, convert, codec, sync):
+    """One end-to-end action: msg -> {stage: ms}. generate(px) -> (tokens, {stage: ms})."""
     clock = time.perf_counter
 
     def once(msg) -> dict:
@@ -101,29 +101,32 @@ def backend_runner(backend, pre, convert, ids, n, codec, sync):
         px = pre(rgb)
         sync()
         t2 = clock()
-        tokens, tm = backend.generate(px, ids, n)
+        tokens, tm = generate(px)
         t3 = clock()
-        dec = codec.decode_tokens(tokens)
-        codec.unnormalize(dec.normalized, UNNORM_KEY)
+        codec.unnormalize(codec.decode_tokens(tokens).normalized, UNNORM_KEY)
         t4 = clock()
-        row = {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
-               "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
-        for k, ms in enumerate(getattr(backend, "last_decode_steps_ms", None) or []):
-            row[f"decode_step_{k + 1}"] = ms
-        return row
+        return {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
+                "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
 
     return once
 
 
+def backend_runner(backend, pre, convert, ids, n, codec, sync):
+    """One end-to-end action through a backend (its decode steps timed when it reports them)."""
+    def generate(px):
+        tokens, tm = backend.generate(px, ids, n)
+        steps = getattr(backend, "last_decode_steps_ms", None) or []
+        return tokens, {**tm, **{f"decode_step_{k + 1}": ms for k, ms in enumerate(steps)}}
+
+    return _action_runner(generate, pre, convert, codec, sync)
+
+
 def _embed_sequence(modules, px, ids, device, dtype):
     """[emb(BOS), projected patches, emb(prompt[1:])] exactly as the reference builds it."""
-    import torch
+    from .modeling import multimodal_embeddings
 
-    llm = modules.llm
-    patches = modules.vision(px.to(device, dtype))
-    projected = modules.projector(patches)
-    emb = llm.get_input_embeddings()(torch.as_tensor(np.asarray(ids), device=device).view(1, -1))
-    return torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+    projected = modules.projector(modules.vision(px.to(device, dtype)))
+    return multimodal_embeddings(modules.llm, projected, np.asarray(ids))
 
 
 def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync, with_logits: bool = False):
@@ -154,28 +157,14 @@ def hf_generate(modules, px, ids, n: int, pad_id: int, device, dtype, sync, with
 
 
 def hf_runner(modules, pre, convert, ids, n, codec, pad_id, device, dtype, sync):
-    """One end-to-end action through transformers' generate(): msg -> {stage: ms}."""
+    """One end-to-end action through transformers' generate()."""
     import torch
 
-    clock = time.perf_counter
-
-    def once(msg) -> dict:
+    def generate(px):
         with torch.inference_mode():
-            sync()
-            t0 = clock()
-            rgb = convert(msg)
-            t1 = clock()
-            px = pre(rgb)
-            sync()
-            t2 = clock()
-            tokens, tm = hf_generate(modules, px, ids, n, pad_id, device, dtype, sync)
-            t3 = clock()
-            codec.unnormalize(codec.decode_tokens(tokens).normalized, UNNORM_KEY)
-            t4 = clock()
-        return {"image_conversion": (t1 - t0) * 1e3, "preprocess": (t2 - t1) * 1e3, **tm,
-                "backend_wall": (t3 - t2) * 1e3, "detokenize": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+            return hf_generate(modules, px, ids, n, pad_id, device, dtype, sync)
 
-    return once
+    return _action_runner(generate, pre, convert, codec, sync)
 
 
 def time_interleaved(runners, msgs, runs: int, warmup: int, runs_of=None) -> dict:

@@ -76,6 +76,13 @@ class Projector(nn.Module):
         return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
+def multimodal_embeddings(llm: nn.Module, projected: torch.Tensor, input_ids) -> torch.Tensor:
+    """The LLM input (openvla-spec.md section 4): [emb(BOS), projected patches, emb(prompt[1:])]."""
+    ids = torch.as_tensor(input_ids, device=projected.device).view(1, -1)
+    emb = llm.get_input_embeddings()(ids)
+    return torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+
+
 def build_llm(config: OpenVLAConfig) -> nn.Module:
     from transformers import LlamaForCausalLM
 

@@ -55,6 +55,7 @@ class Preprocessor:
         # normalised = x/255 * scale + shift, for the 6 stacked channels
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device).view(1, 6, 1, 1)
         self._shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=self.device).view(1, 6, 1, 1)
+        self._crop_grid = _center_crop_grid(self.size, self.device) if self.center_crop else None
 
     def resize_uint8(self, rgb: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 -> (1, 3, S, S) uint8 on self.device."""
@@ -66,8 +67,8 @@ class Preprocessor:
         t = t.permute(2, 0, 1).unsqueeze(0)  # channels-last memory: the fast uint8 kernel path
         if t.shape[-2:] != (self.size, self.size):
             t = _resize_bicubic_aa(t, self.size)
-        if self.center_crop:
-            t = _center_crop_resize(t, self.size)
+        if self._crop_grid is not None:
+            t = _center_crop_resize(t, self._crop_grid)
         return t
 
     def normalize(self, img_u8: torch.Tensor) -> torch.Tensor:
@@ -87,12 +88,16 @@ def _resize_bicubic_aa(t: torch.Tensor, size: int) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _center_crop_resize(t: torch.Tensor, size: int) -> torch.Tensor:
-    """Central CENTER_CROP_AREA of the area, resized back to size x size (bilinear, like
-    tf.image.crop_and_resize in OpenVLA's LIBERO evaluation)."""
+def _center_crop_grid(size: int, device: torch.device) -> torch.Tensor:
+    """Sampling grid of the central CENTER_CROP_AREA of the area at size x size (built once)."""
     s = math.sqrt(CENTER_CROP_AREA)
-    lin = torch.linspace(-s, s, size, device=t.device)
+    lin = torch.linspace(-s, s, size, device=device)
     gy, gx = torch.meshgrid(lin, lin, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+    return torch.stack([gx, gy], dim=-1).unsqueeze(0)
+
+
+def _center_crop_resize(t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Crop and resize back with bilinear sampling (like tf.image.crop_and_resize in OpenVLA's
+    LIBERO evaluation)."""
     y = F.grid_sample(t.float(), grid, mode="bilinear", align_corners=True)
     return y.round_().clamp_(0, 255).to(torch.uint8)

@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..config import OpenVLAConfig
 from ..errors import BackendError, CheckpointError
-from ..modeling import COMPONENT_PREFIXES, OpenVLAModules, checkpoint_to_module_key
+from ..modeling import COMPONENT_PREFIXES, OpenVLAModules, checkpoint_to_module_key, multimodal_embeddings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,10 +96,8 @@ class TorchBackend:
         projected = m.projector(patches)
         self._sync(); t2 = clock()
 
-        ids = torch.as_tensor(np.asarray(input_ids), device=self.device).view(1, -1)
-        emb = llm.get_input_embeddings()(ids)
         # [BOS, 256 patches, prompt tokens after BOS]; positions 0..L-1 over the whole sequence
-        seq = torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+        seq = multimodal_embeddings(llm, projected, np.asarray(input_ids))
         length = seq.shape[1]
         try:
             cache = DynamicCache(config=llm.config)

@@ -6,7 +6,7 @@ import time
 from openvla_model import OpenVLAError, load_policy
 
 from ..image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from .run import Progress, frame_inputs, select_frames
+from .run import Progress, expected_selected, frame_inputs, select_frames
 
 
 def frame_to_rgb(frame):
@@ -24,9 +24,7 @@ def run_offline(ep, o, stop) -> tuple[list, dict]:
     try:
         unnorm_key = policy.codec.resolve_key(o.unnorm_key or None)
         frames = select_frames(ep.frames(), o.every, o.control_rate_hz, o.max_frames)
-        from .run import _expected_selected
-
-        progress.total = _expected_selected(ep, o)
+        progress.total = expected_selected(ep, o)
         t_start = time.perf_counter()
         while not stop.hit:
             t0 = time.perf_counter()

@@ -86,7 +86,7 @@ def select_frames(frames, every: int = 1, control_rate_hz: float | None = None, 
             yield f
 
 
-def _expected_selected(ep: BagEpisode, o: ReplayOptions) -> int | None:
+def expected_selected(ep: BagEpisode, o: ReplayOptions) -> int | None:
     if o.control_rate_hz:
         n = int(math.floor((ep.end_ns - ep.start_ns) / 1e9 * o.control_rate_hz)) + 1
         n = min(n, ep.num_frames)
@@ -187,7 +187,7 @@ def finalize(out: Path, ep: BagEpisode, o: ReplayOptions, rows: list, info: dict
         "selection": {"every": o.every, "control_rate_hz": o.control_rate_hz, "max_frames": o.max_frames,
                       "rate": o.rate if o.mode == "live" else None},
         "frames": {"in_bag": ep.num_frames, "selected": info.get("selected", len(rows)),
-                   "expected_selected": _expected_selected(ep, o), "processed": len(done),
+                   "expected_selected": expected_selected(ep, o), "processed": len(done),
                    "rejected": sum(r["status"].startswith("rejected") for r in rows),
                    "dropped": sum(r["status"] == "dropped" for r in rows),
                    "no_instruction": sum(r["status"] == "no_instruction" for r in rows)},

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from openvla_model.modeling import multimodal_embeddings
+
 STAGES = ("dinov2", "siglip", "vision", "projector", "decoder_layer0", "prefill_logits")
 
 
@@ -30,9 +32,7 @@ def torch_stage_outputs(modules, pixel_values: torch.Tensor, input_ids: np.ndarr
     feats = torch.cat([dino, sig], dim=2)
     projected = modules.projector(feats)
     llm = modules.llm
-    ids = torch.as_tensor(np.asarray(input_ids), device=device).view(1, -1)
-    emb = llm.get_input_embeddings()(ids)
-    seq = torch.cat([emb[:, :1], projected.to(emb.dtype), emb[:, 1:]], dim=1)
+    seq = multimodal_embeddings(llm, projected, np.asarray(input_ids))
     out = llm(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1], device=device).view(1, -1),
               output_hidden_states=True, use_cache=False)
     f = lambda t: t.float().cpu()  # noqa: E731
