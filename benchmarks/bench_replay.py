@@ -24,7 +24,8 @@ def main() -> int:
     from replay_bags import write_episode
 
     from openvla_model.tiny_checkpoint import write_tiny_checkpoint
-    from openvla_ros.replay.run import ReplayOptions, run_replay
+    from openvla_ros.replay.options import ReplayOptions
+    from openvla_ros.replay.run import run_replay
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)

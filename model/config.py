@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, NormStatsError
 
 # Released OpenVLA values (used only when preprocessor_config.json does not say).
 DINOV2_MEAN = (0.484375, 0.455078125, 0.40625)
@@ -110,6 +110,81 @@ def _norm_params(pp: dict) -> tuple[list, list] | None:
     return None
 
 
+def _describe(v) -> str:
+    """A JSON value as a person reads it in an error: null, "abc", a list of 3, an object."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return repr(v[:40])
+    if isinstance(v, list):
+        return f"a list of {len(v)}"
+    if isinstance(v, dict):
+        return "an object"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite_number(x) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
+def validate_norm_stats(norm_stats, source: str = "config.json") -> None:
+    """norm_stats as the action codec consumes them, checked once at load so a bad value is a
+    NormStatsError naming the file, the dataset key and the field, never a TypeError at the first
+    action. Per dataset: action.q01 and action.q99 are non-empty lists of finite numbers of one
+    length D, with q01 <= q99; D is the same for every dataset (the number of action tokens
+    generated, see OpenVLAConfig.action_dim); an optional action.mask is D booleans (0/1 taken as
+    booleans; a string or null would silently flip un-normalisation in numpy)."""
+    if not norm_stats:
+        raise NormStatsError(f"{source}: norm_stats missing (needed to un-normalise actions)")
+    if not isinstance(norm_stats, dict):
+        raise NormStatsError(f"{source}: norm_stats is {_describe(norm_stats)}, expected an object "
+                             "{dataset key: {action: {q01, q99, mask}}}")
+    first_key, dim = None, None
+    for key, stats in norm_stats.items():
+        where = f"{source}: norm_stats[{key!r}].action"
+        a = stats.get("action") if isinstance(stats, dict) else None
+        if not isinstance(a, dict):
+            raise NormStatsError(f"{where} is missing or not an object (it needs q01 and q99)")
+        values = {}
+        for name in ("q01", "q99"):
+            if name not in a:
+                raise NormStatsError(f"{where}.{name} is missing")
+            v = a[name]
+            if not isinstance(v, list) or not v:
+                raise NormStatsError(f"{where}.{name} is {_describe(v)}, expected a non-empty list of numbers")
+            for i, x in enumerate(v):
+                if not _finite_number(x):
+                    raise NormStatsError(f"{where}.{name}[{i}] is {_describe(x)}, expected a finite number")
+            values[name] = v
+        q01, q99 = values["q01"], values["q99"]
+        if len(q01) != len(q99):
+            raise NormStatsError(f"{where}: q01 has {len(q01)} values and q99 {len(q99)}; they must be equal")
+        for i, (lo, hi) in enumerate(zip(q01, q99)):
+            if lo > hi:
+                raise NormStatsError(f"{where}: q01[{i}] = {lo} is above q99[{i}] = {hi}")
+        if "mask" in a:
+            m = a["mask"]
+            if not isinstance(m, list) or len(m) != len(q01):
+                raise NormStatsError(f"{where}.mask is {_describe(m)}, expected a list of {len(q01)} booleans "
+                                     "(one per q01 value)")
+            for i, x in enumerate(m):
+                if not (isinstance(x, bool) or (isinstance(x, int) and x in (0, 1))):
+                    raise NormStatsError(f"{where}.mask[{i}] is {_describe(x)}, expected true or false")
+        if dim is None:
+            first_key, dim = key, len(q01)
+        elif len(q01) != dim:
+            raise NormStatsError(f"{where} has {len(q01)} dimensions but norm_stats[{first_key!r}].action has "
+                                 f"{dim}: every dataset must have the same action dimension")
+
+
 def load_config(weights_dir: str | Path) -> OpenVLAConfig:
     d = Path(weights_dir)
     if not d.is_dir():
@@ -148,20 +223,12 @@ def load_config(weights_dir: str | Path) -> OpenVLAConfig:
         raise ConfigError("config.json: text_config missing")
     llm = _llama_config(text_config)
 
-    norm_stats = cfg.get("norm_stats")
+    norm_stats, source = cfg.get("norm_stats"), "config.json"
     if not norm_stats:
         ds = d / "dataset_statistics.json"
-        norm_stats = _read_json(ds) if ds.is_file() else None
-    if not isinstance(norm_stats, dict) or not norm_stats:
-        raise ConfigError("config.json: norm_stats missing (needed to un-normalise actions)")
-    for key, stats in norm_stats.items():
-        a = stats.get("action") if isinstance(stats, dict) else None
-        if not a or "q01" not in a or "q99" not in a or len(a["q01"]) != len(a["q99"]):
-            raise ConfigError(f"config.json: norm_stats[{key!r}].action needs q01 and q99 of equal length")
-        if "mask" in a and len(a["mask"]) != len(a["q01"]):
-            raise ConfigError(f"config.json: norm_stats[{key!r}].action.mask has the wrong length")
-        if not all(math.isfinite(float(v)) for v in list(a["q01"]) + list(a["q99"])):
-            raise ConfigError(f"config.json: norm_stats[{key!r}] has non-finite q01/q99")
+        if ds.is_file():
+            norm_stats, source = _read_json(ds), ds.name
+    validate_norm_stats(norm_stats, source)
 
     return OpenVLAConfig(
         weights_dir=d,

@@ -13,6 +13,11 @@ class CheckpointError(OpenVLAError):
     """Weights missing, corrupt, mis-shaped, or with unknown keys."""
 
 
+class NormStatsError(ConfigError, CheckpointError):
+    """norm_stats (config.json or dataset_statistics.json) unusable by the action codec: both a
+    config problem and a checkpoint problem, so either except clause catches it."""
+
+
 class UnnormKeyError(OpenVLAError, KeyError):
     """unnorm_key missing (several datasets) or unknown; the message lists the valid keys."""
 

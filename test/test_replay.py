@@ -2,9 +2,12 @@
 independently from the known ground truth and actions.csv; every bad input is one clear error."""
 from __future__ import annotations
 
+import ast
 import csv
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +31,21 @@ def replay(args, capsys=None):
     rc = main(list(map(str, args)) + ["--quiet", "--device", "cpu", "--dtype", "float32"])
     err = capsys.readouterr().err if capsys else ""
     return rc, err
+
+
+def only_error_line(err: str) -> str:
+    """stderr ends with exactly one `error:` line: no traceback, no multi-line dump continuing the
+    error (earlier log lines, e.g. the tiny checkpoint's warning, are allowed)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file and folder under root with a hash of its content: proof that nothing was touched."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
 
 
 def read_csv(out: Path):
@@ -200,6 +218,7 @@ def _empty_bag(tmp_path):
     ("no_instruction_topic", "no instruction topic"),
     ("late_instruction", "mismatched instruction timing"),
     ("out_exists", "exists and is not empty"),
+    ("corrupt_metadata", "metadata.yaml is not valid YAML: "),
 ])
 def test_bad_input_is_one_clear_error_and_leaves_nothing_unmarked(tmp_path, tiny_weights, capsys, case, match):
     args = []
@@ -215,6 +234,10 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing_unmarked(tmp_path, tiny
         bag = write_episode(tmp_path / "ep", n_frames=2, instruction=None)
     elif case == "late_instruction":
         bag = write_episode(tmp_path / "ep", n_frames=3, instruction_delay_s=5.0)
+    elif case == "corrupt_metadata":  # a YAML syntax error: one line with its position, not the parser's excerpt
+        bag = write_episode(tmp_path / "ep", n_frames=2)
+        meta = bag / "metadata.yaml"
+        meta.write_text(meta.read_text().replace("version:", "version: [", 1))
     else:
         bag = write_episode(tmp_path / "ep", n_frames=2)
         args = {"missing_topic": ["--image-topic", "/nope"], "wrong_type": ["--image-topic", "/instruction"],
@@ -225,13 +248,165 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing_unmarked(tmp_path, tiny
         (out / "keep.txt").write_text("mine")
     rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out] + args, capsys)
     assert rc == 2
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and match in lines[0], err
+    assert match in only_error_line(err), err
     assert not (tmp_path / "out.incomplete").exists()
     if case == "out_exists":
         assert (out / "keep.txt").read_text() == "mine"
     else:
         assert not out.exists()
+
+
+def _no_work(monkeypatch):
+    """Refusals must come before any work: replaying a frame here fails the test."""
+    import openvla_ros.replay.offline as offline
+
+    def run_offline(*a, **k):
+        raise AssertionError("the replay started although the options were refused")
+
+    monkeypatch.setattr(offline, "run_offline", run_offline)
+
+
+@pytest.mark.parametrize("where,match", [
+    ("the_bag", "is the input bag"),
+    ("folder_holding_the_bag", "contains the input bag"),
+    ("inside_the_bag", "lies inside the input bag"),
+    ("link_to_the_bag", "is the input bag"),
+    ("db3_file_of_the_bag", "is the input bag"),
+    ("incomplete_name_is_the_bag", "is the input bag"),
+])
+def test_out_is_never_an_input_bag(tmp_path, tiny_weights, capsys, monkeypatch, where, match):
+    """Issue 9.7: `--out <bag> --force` replaced the bag with the report, `--out <folder holding the
+    bag> --force` deleted the bag and its neighbours. Refused, with or without --force."""
+    data = tmp_path / "data"
+    data.mkdir()
+    bag = write_episode(data / ("res.incomplete" if where == "incomplete_name_is_the_bag" else "ep"), n_frames=2)
+    (data / "notes.txt").write_text("unrelated")
+    out = {"the_bag": bag, "folder_holding_the_bag": data, "inside_the_bag": bag / "report",
+           "link_to_the_bag": tmp_path / "link", "db3_file_of_the_bag": bag,
+           "incomplete_name_is_the_bag": data / "res"}[where]
+    if where == "link_to_the_bag":
+        out.symlink_to(bag, target_is_directory=True)
+    bag_arg = next(bag.glob("*.db3")) if where == "db3_file_of_the_bag" else bag
+    before = snapshot(tmp_path)
+    _no_work(monkeypatch)
+    for force in ([], ["--force"]):
+        rc, err = replay([bag_arg, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out] + force,
+                         capsys)
+        assert rc == 2, err
+        assert match in only_error_line(err)
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("case", ["out", "incomplete"])
+def test_out_never_replaces_a_folder_it_did_not_write(tmp_path, tiny_weights, capsys, monkeypatch, case, force):
+    """Issue 9.7: `--out res` silently deleted an unrelated `res.incomplete/`; --force replaced any
+    folder. A folder without our marker is never replaced, whatever the flags."""
+    bag = write_episode(tmp_path / "ep", n_frames=2)
+    mine = tmp_path / ("res" if case == "out" else "res.incomplete")
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("a year of work")
+    (mine / "summary.json").write_text("{}")  # looking like a report is not enough
+    before = snapshot(tmp_path)
+    _no_work(monkeypatch)
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", tmp_path / "res"]
+                     + (["--force"] if force else []), capsys)
+    assert rc == 2, err
+    assert "was not written by openvla-replay" in only_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_force_replaces_its_own_report_and_leftover(tmp_path, tiny_weights, capsys):
+    """The report folder carries a signed marker; --force replaces such a folder (and the
+    `.incomplete` leftover of a killed run), nothing is replaced without --force."""
+    from openvla_ros.replay.output import MARKER
+
+    bag = write_episode(tmp_path / "ep", n_frames=2)
+    out = tmp_path / "res"
+    args = [bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out, "--max-frames", "1"]
+    rc, err = replay(args, capsys)
+    assert rc == 0, err
+    assert json.loads((out / MARKER).read_text())["written_by"] == "openvla-replay"
+    (out / "old.txt").write_text("first run")
+    leftover = tmp_path / "res.incomplete"  # as a killed run leaves it: our marker, partial content
+    leftover.mkdir()
+    shutil.copy(out / MARKER, leftover / MARKER)
+    (leftover / "actions.csv").write_text("partial")
+    before = snapshot(tmp_path)
+    rc, err = replay(args, capsys)
+    assert rc == 2 and "use --force" in only_error_line(err)
+    assert snapshot(tmp_path) == before
+    shutil.rmtree(out)  # only the leftover in the way now
+    rc, err = replay(args, capsys)
+    assert rc == 2 and "interrupted openvla-replay run" in only_error_line(err)
+    rc, err = replay(args + ["--force"], capsys)
+    assert rc == 0, err
+    assert not leftover.exists() and json.loads((out / "summary.json").read_text())["frames"]["processed"] == 1
+    (out / "old.txt").write_text("second run")
+    rc, err = replay(args + ["--force"], capsys)
+    assert rc == 0, err
+    assert not (out / "old.txt").exists() and (out / MARKER).is_file() and (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("case,match", [
+    ("out_is_a_file", "exists and is not a folder"),
+    ("out_is_dot", "is the current folder or one above it"),
+    ("out_is_a_parent", "is the current folder or one above it"),
+    ("parent_is_a_file", "is not a folder"),
+    ("out_is_empty", "--out is empty"),
+    ("max_frames_0", "--max-frames must be >= 1, got 0"),
+    ("max_frames_negative", "--max-frames must be >= 1, got -3"),
+])
+def test_bad_out_or_max_frames_is_refused_before_any_work(tmp_path, tiny_weights, capsys, monkeypatch, case, match):
+    """Issue 9.8: `--out <file> --force` replayed everything and then crashed with
+    NotADirectoryError, `--out . --force` with ValueError, `--max-frames 0` replayed nothing."""
+    bag = write_episode(tmp_path / "ep", n_frames=2)
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "file.txt").write_text("keep")
+    monkeypatch.chdir(work / "sub")
+    extra = []
+    out = {"out_is_a_file": work / "file.txt", "out_is_dot": ".", "out_is_a_parent": "..",
+           "parent_is_a_file": work / "file.txt" / "res", "out_is_empty": ""}.get(case, tmp_path / "res")
+    if case.startswith("max_frames"):
+        extra = ["--max-frames", match.rsplit(" ", 1)[1]]
+    before = snapshot(tmp_path)
+    _no_work(monkeypatch)
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out, "--force"] + extra,
+                     capsys)
+    assert rc == 2, err
+    assert match in only_error_line(err)
+    assert snapshot(tmp_path) == before
+
+
+def test_replay_modules_import_one_way():
+    """Issue 14: run.py held the helpers offline.py and live.py import and also imported them:
+    a circle. Every import inside openvla_ros/replay (module level or in a function) flows one way."""
+    pkg = Path(__file__).resolve().parents[1] / "openvla_ros" / "replay"
+    graph = {}
+    for f in pkg.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    deps.update([node.module] if node.module else [a.name for a in node.names])
+                elif node.level == 0 and (node.module or "").startswith("openvla_ros.replay."):
+                    deps.add(node.module.split(".")[2])
+        graph[f.stem] = {d.split(".")[0] for d in deps} - {f.stem}
+    state = {}
+
+    def visit(m, path):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", f"import cycle: {' -> '.join(path + [m])}"
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            visit(d, path + [m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert "run" not in graph["offline"] | graph["live"]
 
 
 def test_ctrl_c_writes_a_partial_report(tmp_path, tiny_weights, ros_env):

@@ -105,6 +105,22 @@ def gt_values(msg, msgtype: str, twist_period_s: float) -> np.ndarray:
     return data
 
 
+def reader_error(path: Path, e: Exception) -> ReplayError:
+    """A reader failure as one line. A YAML syntax error (a corrupt metadata.yaml) is reported by
+    its position, not as the multi-line excerpt the YAML parser renders."""
+    cause, depth = e, 0
+    while cause is not None and depth < 16:  # the chain of causes, bounded
+        depth += 1
+        mark = getattr(cause, "problem_mark", None)
+        if mark is not None:  # ruamel / PyYAML MarkedYAMLError
+            what = "metadata.yaml" if "metadata.yaml" in str(e) else "the bag's metadata"
+            problem = " ".join(str(getattr(cause, "problem", None) or getattr(cause, "context", "") or "").split())
+            return ReplayError(f"cannot read bag {path}: {what} is not valid YAML: {problem or 'syntax error'} "
+                               f"(line {mark.line + 1}, column {mark.column + 1})")
+        cause = cause.__cause__ or cause.__context__
+    return ReplayError(f"cannot read bag {path}: {type(e).__name__}: {' '.join(str(e).split())}")
+
+
 class BagEpisode:
     """One recorded episode. Instructions and ground truth (small) are read at open; image frames
     are streamed by frames() so long bags never sit in memory."""
@@ -150,7 +166,7 @@ class BagEpisode:
             reader = AnyReader([self.path], default_typestore=self.typestore)
             reader.open()
         except Exception as e:  # corrupt metadata/storage raise assorted errors in the storage plugins
-            raise ReplayError(f"cannot read bag {self.path}: {type(e).__name__}: {e}") from None
+            raise reader_error(self.path, e) from None
         try:
             yield reader
         finally:
@@ -168,7 +184,7 @@ class BagEpisode:
             except StopIteration:
                 return
             except Exception as e:  # storage/CDR errors surface lazily while iterating
-                raise ReplayError(f"cannot read bag {self.path}: {type(e).__name__}: {e}") from None
+                raise reader_error(self.path, e) from None
             yield conn.topic, conn.msgtype, t_ns, raw, msg
 
     def messages(self, topics: set):

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     from openvla_model import OpenVLAError
 
     from .bag import ReplayError
-    from .run import ReplayOptions, run_replay
+    from .options import ReplayOptions
+    from .run import run_replay
 
     if args.mode == "offline" and not args.weights:
         print("error: no --weights given and OPENVLA_WEIGHTS is not set", file=sys.stderr)
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     try:
         out, summary = run_replay(opts)
     except (ReplayError, OpenVLAError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

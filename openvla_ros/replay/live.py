@@ -13,7 +13,7 @@ import threading
 import time
 
 from .bag import Frame, ReplayError, stamp_ns
-from .run import FrameSelector, Progress, frame_inputs
+from .frames import FrameSelector, Progress, frame_inputs
 
 INSTRUCTION_RESEND_S = 1.0
 

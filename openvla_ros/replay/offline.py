@@ -6,7 +6,7 @@ import time
 from openvla_model import OpenVLAError, load_policy
 
 from ..image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from .run import Progress, expected_selected, frame_inputs, select_frames
+from .frames import Progress, expected_selected, frame_inputs, select_frames
 
 
 def frame_to_rgb(frame):
