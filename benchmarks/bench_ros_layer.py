@@ -1,8 +1,10 @@
 """Benchmark of the ROS layer (not a test: it prints numbers; record them in docs/ros_node.md).
 
 1. Image message -> model input: sensor_msgs/Image 640x480 (rgb8, bgr8, rgb8 with row padding,
-   JPEG CompressedImage) -> RGB array (openvla_ros.image_conversion), then -> the (1, 6, 224, 224)
-   float32 model input (the model's one Preprocessor). Target: <= 3 ms per frame.
+   bayer_rggb8, yuv422, rgb16, JPEG and PNG CompressedImage) -> RGB array
+   (openvla_ros.image_conversion), then -> the (1, 6, 224, 224) float32 model input (the model's
+   one Preprocessor). Target: <= 3 ms per frame. Also: the time to refuse a JPEG decompression
+   bomb (~700 bytes declaring 20000x20000; refused from its header).
 2. Node overhead beyond model time: openvla_node as a separate process on the tiny checkpoint
    (CPU), fed one 640x480 rgb8 frame at a time over DDS (loopback, shared memory); for each
    action: model time (inference_ms), node latency (image stamp -> action publication,
@@ -11,7 +13,7 @@
    Target: <= 5% of model time at the tiny model's rate.
 
 Run (DDS on loopback):
-    scripts/run_isolated.sh .venv/bin/python benchmarks/bench_ros_layer.py [--frames 60] [--json]
+    scripts/run_isolated.sh .venv/bin/python benchmarks/bench_ros_layer.py [--frames 60] [--json] [--conversion-only]
 """
 from __future__ import annotations
 
@@ -63,15 +65,47 @@ def bench_conversion(weights: Path, repeat: int) -> dict:
     out = {"torch_threads": torch.get_num_threads()}
     cases = {"rgb8": rgb_to_image_msg(rgb, "rgb8"), "bgr8": rgb_to_image_msg(rgb, "bgr8"),
              "rgb8_padded_step": rgb_to_image_msg(rgb, "rgb8", row_padding=64),
-             "jpeg": rgb_to_compressed_msg(rgb, "jpeg")}
+             "bayer_rggb8": rgb_to_image_msg(rgb, "bayer_rggb8"), "yuv422": rgb_to_image_msg(rgb, "yuv422"),
+             "rgb16": rgb_to_image_msg(rgb, "rgb16"),
+             "jpeg": rgb_to_compressed_msg(rgb, "jpeg"), "png": rgb_to_compressed_msg(rgb, "png")}
     for name, msg in cases.items():
-        conv = compressed_msg_to_rgb if name == "jpeg" else image_msg_to_rgb
-        out[f"{name}_to_rgb"] = timeit(lambda: conv(msg), repeat)
-        out[f"{name}_to_model_input"] = timeit(lambda: pre(conv(msg)), repeat)
+        conv = compressed_msg_to_rgb if name in COMPRESSED else image_msg_to_rgb
+        n = repeat if name != "png" else max(10, repeat // 10)  # PNG decoding is ~10x slower
+        out[f"{name}_to_rgb"] = timeit(lambda: conv(msg), n)
+        out[f"{name}_to_model_input"] = timeit(lambda: pre(conv(msg)), n)
     shape = tuple(pre(image_msg_to_rgb(cases["rgb8"])).shape)
     policy.close()
     out["model_input_shape"] = shape
+    out["jpeg_bomb_refusal"] = timeit(lambda: _refuse(compressed_msg_to_rgb, _jpeg_bomb(rgb)), repeat)
     return out
+
+
+COMPRESSED = ("jpeg", "png")
+CASES = ("rgb8", "bgr8", "rgb8_padded_step", "bayer_rggb8", "yuv422", "rgb16", "jpeg", "png")
+
+
+def _jpeg_bomb(rgb):
+    """A small JPEG whose SOF0 header declares 20000x20000 pixels."""
+    import struct
+
+    from openvla_ros.image_conversion import rgb_to_compressed_msg
+
+    msg = rgb_to_compressed_msg(rgb[:16, :16].copy(), "jpeg")
+    data = bytearray(msg.data)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", 20000, 20000)
+    msg.data = bytes(data)
+    return msg
+
+
+def _refuse(conv, msg):
+    from openvla_ros.image_conversion import ImageConversionError
+
+    try:
+        conv(msg)
+    except ImageConversionError:
+        return
+    raise AssertionError("the bomb was not refused")
 
 
 def bench_node(weights: Path, frames: int, timeout_s: float = 60.0) -> dict:
@@ -148,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=60)
     p.add_argument("--repeat", type=int, default=200)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--conversion-only", action="store_true", help="skip part 2 (the node process)")
     args = p.parse_args(argv)
     if args.weights:
         weights = Path(args.weights)
@@ -156,17 +191,22 @@ def main(argv=None) -> int:
 
         weights = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench_tiny_")), seed=0)
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-              "conversion": bench_conversion(weights, args.repeat), "node": bench_node(weights, args.frames)}
+              "conversion": bench_conversion(weights, args.repeat),
+              "node": None if args.conversion_only else bench_node(weights, args.frames)}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     c, n = result["conversion"], result["node"]
     print(f"machine: {result['machine']}, torch threads {c['torch_threads']}, model input {c['model_input_shape']}")
     print("1. image message (640x480) -> RGB array -> model input tensor   [p50 / p95 ms]")
-    for name in ("rgb8", "bgr8", "rgb8_padded_step", "jpeg"):
+    for name in CASES:
         a, b = c[f"{name}_to_rgb"], c[f"{name}_to_model_input"]
         print(f"   {name:<17} to RGB {a['p50_ms']:7.3f} / {a['p95_ms']:7.3f}    to model input "
               f"{b['p50_ms']:7.3f} / {b['p95_ms']:7.3f}")
+    bomb = c["jpeg_bomb_refusal"]
+    print(f"   JPEG bomb (header says 20000x20000) refused in {bomb['p50_ms']:.3f} / {bomb['p95_ms']:.3f}")
+    if n is None:
+        return 0
     print(f"2. node overhead beyond model time, tiny model, {n['frames']} frames (p50):")
     print(f"   model {n['model_ms_p50']:.2f} ms; node overhead (stamp -> publish, minus model) "
           f"{n['node_overhead_ms_p50']:.2f} ms = {n['node_overhead_pct_of_model_p50']:.1f}% "

@@ -151,14 +151,11 @@ def instruction_stale(instr: Instruction | None, now_ns: int, max_age_s: float) 
 
 def check_instruction_text(text: str, max_chars: int) -> str:
     """Normalise an incoming instruction; raise SafetyError when it must be refused.
-    An empty (or whitespace-only) instruction is refused: it clears the current one."""
-    if not isinstance(text, str):
-        raise SafetyError(f"instruction must be a string, got {type(text).__name__}")
-    cleaned = " ".join(text.split())
-    if not cleaned:
-        raise SafetyError("empty instruction")
-    if len(cleaned) > max_chars:
-        raise SafetyError(f"instruction of {len(cleaned)} characters exceeds max_instruction_chars {max_chars}")
-    if any(not ch.isprintable() for ch in cleaned):
-        raise SafetyError("instruction contains non-printable characters")
-    return cleaned
+    An empty (or whitespace-only) instruction is refused: it clears the current one.
+    The rules are openvla_model.inputs.check_instruction, the one openvla-predict applies too."""
+    from openvla_model.inputs import InstructionError, check_instruction
+
+    try:
+        return check_instruction(text, max_chars)
+    except InstructionError as e:
+        raise SafetyError(str(e)) from None
