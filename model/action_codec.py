@@ -16,6 +16,23 @@ import numpy as np
 from .errors import UnnormKeyError
 
 
+def resolve_unnorm_key(available, unnorm_key: str | None) -> str:
+    """The one unnorm_key rule: the dataset key to un-normalise with, given the keys a checkpoint
+    has statistics for (`available`: any iterable of names, e.g. norm_stats or describe()'s
+    unnorm_keys). None or "" picks the only dataset; raises UnnormKeyError listing the valid keys
+    when the key is unknown, or missing while there are several datasets."""
+    keys = sorted(available)
+    if unnorm_key is None or unnorm_key == "":
+        if len(keys) == 1:
+            return keys[0]
+        raise UnnormKeyError(
+            f"unnorm_key is required: this model has statistics for {len(keys)} datasets; "
+            f"valid keys: {', '.join(keys)}")
+    if unnorm_key not in keys:
+        raise UnnormKeyError(f"unknown unnorm_key {unnorm_key!r}; valid keys: {', '.join(keys)}")
+    return unnorm_key
+
+
 @dataclass(frozen=True)
 class DecodedTokens:
     normalized: np.ndarray  # float32 [D], in [-1, 1]
@@ -56,15 +73,7 @@ class ActionCodec:
         return sorted(self.norm_stats)
 
     def resolve_key(self, unnorm_key: str | None) -> str:
-        if unnorm_key is None or unnorm_key == "":
-            if len(self.norm_stats) == 1:
-                return next(iter(self.norm_stats))
-            raise UnnormKeyError(
-                f"unnorm_key is required: this model has statistics for {len(self.norm_stats)} datasets; "
-                f"valid keys: {', '.join(self.keys)}")
-        if unnorm_key not in self.norm_stats:
-            raise UnnormKeyError(f"unknown unnorm_key {unnorm_key!r}; valid keys: {', '.join(self.keys)}")
-        return unnorm_key
+        return resolve_unnorm_key(self.norm_stats, unnorm_key)
 
     def action_stats(self, unnorm_key: str | None) -> dict:
         return self.norm_stats[self.resolve_key(unnorm_key)]["action"]

@@ -27,7 +27,8 @@ COUNTERS = (
     "instructions_received",
     "instructions_rejected",    # empty, too long, non-printable (the current instruction is cleared)
     "inference_errors",         # backend failures and unexpected exceptions
-    "callback_errors",          # exceptions caught in subscription / service callbacks
+    "callback_errors",          # exceptions caught in subscription / service / timer callbacks
+    "stale_input_stops",        # zero-motion stops because the camera input went stale while enabled
 )
 REJECTED = tuple(c for c in COUNTERS if c.startswith("rejected_"))
 
@@ -114,6 +115,7 @@ class Health:
     last_image_problem: str | None  # why the newest frame was not acted on (stale / bad), if it was not
     recent_rejection: bool  # a frame was rejected by safety in the last diagnostics period
     max_image_age_s: float
+    stale_input: str | None = None  # motion enabled and the newest frame too old: why
 
 
 FAILURES_FOR_ERROR = 3
@@ -129,6 +131,8 @@ def assess(h: Health) -> tuple[int, str]:
         return ERROR, f"inference failing ({h.consecutive_failures} in a row)"
     if h.lifecycle_state != "active":
         return WARN, f"not active (lifecycle state {h.lifecycle_state})"
+    if h.stale_input:
+        return WARN, f"not acting: stale input, robot stopped until fresh frames arrive ({h.stale_input})"
     if h.seconds_since_image is None:
         return WARN, "no camera images received"
     if h.seconds_since_image > max(2.0 * h.max_image_age_s, 1.0):

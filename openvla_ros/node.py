@@ -5,12 +5,15 @@ Lifecycle (rclpy LifecycleNode):
   activate   = start the inference worker; actions flow.
   deactivate = publish one zero-motion action if motion was enabled, stop the worker.
   cleanup / shutdown = close the policy (device released).
+Every place that must stop the robot (~/enable false, stale input, deactivate / shutdown, SIGINT /
+SIGTERM) calls one function, `stop_motion`: one zero-motion action and one zero twist.
 With `autostart` (default true) the node configures and activates itself, so `ros2 run` works.
 A failed configure (bad weights path, backend unavailable) leaves the node up, unconfigured,
 reporting ERROR on /diagnostics with the reason.
 
 Threads: the executor thread only hands work on (store the newest frame, set the instruction,
-answer services, publish diagnostics); one worker thread converts, infers and publishes.
+answer services, publish diagnostics, watch for stale input); one worker thread converts and
+infers (`_infer`), then publishes (`_publish`).
 Frames arriving while the worker is busy replace the pending one (counted as dropped), so
 there is never a backlog.
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import TwistStamped
+from rclpy.duration import Duration
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.logging import get_logger
@@ -46,12 +50,14 @@ from openvla_ros.msg import EndEffectorAction
 
 from .diagnostics import REJECTED, Health, Stats, assess, build_status, percentile
 from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
-from .params import SPECS, NodeConfig, ParameterError, declare_and_read, validate
-from .safety import (Instruction, SafetyError, check_instruction_text, image_too_old, instruction_stale,
+from .params import SPECS, NodeConfig, ParameterError, declare_and_read, validate, wildcard_only_names
+from .safety import (Instruction, SafeAction, SafetyError, check_instruction_text, image_too_old, instruction_stale,
                      make_safe_action)
 
 NODE_NAME = "openvla_node"
 WORKER_JOIN_TIMEOUT_S = 60.0  # one inference of the 7B model is well below this
+WATCHDOG_MAX_PERIOD_S = 0.05  # stale-input checks at least this often (and twice per action_period_s)
+STOP_FLUSH_TIMEOUT_S = 0.3  # a dying process waits at most this long for its stop to be acknowledged
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,18 @@ class Frame:
     msg: object  # sensor_msgs/Image or CompressedImage
     compressed: bool
     stamp_ns: int
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What `_infer` hands to `_publish`: a model result that passed the safety checks."""
+    frame: Frame
+    instruction: Instruction
+    result: object  # openvla_model.ActionResult
+    safe: SafeAction
+    sequence: int
+    model_ms: float
+    started: float  # time.perf_counter() when processing of the frame began
 
 
 def stamp_to_ns(stamp) -> int:
@@ -83,9 +101,22 @@ def default_policy_loader(cfg: NodeConfig):
 
 
 class OpenVLANode(LifecycleNode):
-    def __init__(self, node_name: str = NODE_NAME, *, policy_loader=None, **kwargs):
+    def __init__(self, node_name: str = NODE_NAME, *, policy_loader=None, ros_args: list[str] | None = None,
+                 **kwargs):
+        """ros_args: the process arguments given to rclpy.init (default sys.argv, as rclpy.init
+        uses), read for --params-file to tell `/**` sections from this node's own (unknown names)."""
         super().__init__(node_name, **kwargs)
-        self.cfg: NodeConfig = declare_and_read(self)  # raises ParameterError
+        # rclpy keeps every override that reached this node (params files, -p, constructor) in
+        # _parameter_overrides, merged; which came only from a shared /** section we read ourselves.
+        given = list(self._parameter_overrides)
+        arg_lists = [kwargs.get("cli_args")]
+        if kwargs.get("use_global_arguments", True):
+            arg_lists.append(sys.argv if ros_args is None else ros_args)
+        wildcard_only = wildcard_only_names(arg_lists, self.get_fully_qualified_name(),
+                                            explicit=[p.name for p in kwargs.get("parameter_overrides") or ()])
+        self.cfg, warnings = declare_and_read(self, given, wildcard_only)  # raises ParameterError
+        for warning in warnings:  # once per name: parameters are read once, here
+            self.get_logger().warning(warning)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._policy_loader = policy_loader or default_policy_loader
         self.policy = None
@@ -103,6 +134,9 @@ class OpenVLANode(LifecycleNode):
         self._instruction_generation = 0
         self._sequence = 0
         self._last_gripper: tuple[float, float] | None = None  # (after convention, raw)
+        self._motion_since_stop = False  # a motion command went out after the last stop
+        self._newest_stamp_ns: int | None = None  # stamp of the newest frame received while active
+        self._shutting_down = False  # a signal arrived: motion stays off
         self._last_frame_problem: str | None = None
         self._worker: threading.Thread | None = None
         self._worker_stop = threading.Event()
@@ -112,15 +146,18 @@ class OpenVLANode(LifecycleNode):
 
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._diag_timer = self.create_timer(self.cfg.diagnostics_period_s, self._guard(self.publish_diagnostics))
-        self._enable_srv = self.create_service(SetBool, "~/enable", self._on_enable)
+        self._watchdog = self.create_timer(self._watchdog_period_s(self.cfg), self._guard(self._watch_input))
+        self._enable_srv = self.create_service(SetBool, "~/enable", self._guard(self._on_enable, self._enable_failed))
         self.get_logger().info(
             f"parameters ok: backend={self.cfg.backend} mesh_device={self.cfg.mesh_device} device={self.cfg.device} "
             f"weights_path={self.cfg.weights_path or '(unset)'} image_transport={self.cfg.image_transport} "
             f"inference_mode={self.cfg.inference_mode}")
 
     # ------------------------------------------------------------------ helpers
-    def _guard(self, fn):
-        """Wrap a callback: nothing a message or a bug in one callback does may kill the node."""
+    def _guard(self, fn, fallback=None):
+        """Wrap a callback: nothing a message or a bug in one callback does may kill the node.
+        fallback(*args, exc) gives the callback's return value after an exception (services must
+        answer)."""
         def wrapped(*args):
             try:
                 return fn(*args)
@@ -129,6 +166,7 @@ class OpenVLANode(LifecycleNode):
                 self.stats.error(f"{fn.__name__}: {type(e).__name__}: {e}")
                 self.get_logger().error(f"{fn.__name__} failed: {type(e).__name__}: {e}",
                                         throttle_duration_sec=self.cfg.log_throttle_s)
+                return fallback(*args, e) if fallback is not None else None
         wrapped.__name__ = fn.__name__
         return wrapped
 
@@ -166,20 +204,39 @@ class OpenVLANode(LifecycleNode):
                     values[p.name] = p.value
             new_cfg = validate(values)
             if new_cfg.unnorm_key != self.cfg.unnorm_key and self.policy is not None:
-                keys = self.policy_info.get("unnorm_keys") or []
-                if new_cfg.unnorm_key and keys and new_cfg.unnorm_key not in keys:
-                    raise ParameterError([f"unnorm_key: {new_cfg.unnorm_key!r} is not in this checkpoint; "
-                                          f"valid keys: {', '.join(keys)}"])
-                if not new_cfg.unnorm_key and len(keys) > 1:
-                    raise ParameterError([f"unnorm_key: required, this checkpoint has {len(keys)} datasets: "
-                                          f"{', '.join(keys)}"])
+                problem = self._unnorm_key_problem(new_cfg.unnorm_key, self.policy_info)
+                if problem:
+                    raise ParameterError([f"unnorm_key: {problem}"])
         except ParameterError as e:
             self.get_logger().warning(f"parameter change refused: {e}")
             return SetParametersResult(successful=False, reason=str(e))
         except Exception as e:  # noqa: BLE001
             return SetParametersResult(successful=False, reason=f"{type(e).__name__}: {e}")
+        if new_cfg.action_period_s != self.cfg.action_period_s:
+            self._watchdog.timer_period_ns = int(self._watchdog_period_s(new_cfg) * 1e9)
         self.cfg = new_cfg
         return SetParametersResult(successful=True)
+
+    @staticmethod
+    def _unnorm_key_problem(unnorm_key: str, policy_info: dict) -> str | None:
+        """Why `unnorm_key` does not fit the loaded checkpoint (the codec's rule, one
+        implementation), or None. Without the checkpoint's keys (describe() failed) predict()
+        still checks it on every frame."""
+        from openvla_model import UnnormKeyError
+        from openvla_model.action_codec import resolve_unnorm_key
+
+        keys = policy_info.get("unnorm_keys")
+        if not keys:
+            return None
+        try:
+            resolve_unnorm_key(keys, unnorm_key or None)
+        except UnnormKeyError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    def _watchdog_period_s(cfg: NodeConfig) -> float:
+        return min(WATCHDOG_MAX_PERIOD_S, cfg.action_period_s / 2.0)
 
     # ------------------------------------------------------------------ lifecycle
     def autostart(self) -> bool:
@@ -208,13 +265,7 @@ class OpenVLANode(LifecycleNode):
             info = dict(policy.describe())
         except Exception as e:  # noqa: BLE001
             info = {"describe_error": str(e)}
-        keys = info.get("unnorm_keys") or []
-        problem = None
-        if cfg.unnorm_key and keys and cfg.unnorm_key not in keys:
-            problem = f"unnorm_key {cfg.unnorm_key!r} is not in this checkpoint; valid keys: {', '.join(keys)}"
-        elif not cfg.unnorm_key and len(keys) > 1:
-            problem = (f"unnorm_key is required: this checkpoint has statistics for {len(keys)} datasets: "
-                       f"{', '.join(keys)}")
+        problem = self._unnorm_key_problem(cfg.unnorm_key, info)
         if problem:
             policy.close()
             self.load_error = problem
@@ -266,7 +317,8 @@ class OpenVLANode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._out_lock:
             self._active = True
-            self._enabled = self.cfg.start_enabled
+            self._enabled = self.cfg.start_enabled and not self._shutting_down
+            self._newest_stamp_ns = None
         self._start_worker()
         if self._enabled:
             self.get_logger().info("active: motion output ENABLED (actions on `action`)")
@@ -277,10 +329,8 @@ class OpenVLANode(LifecycleNode):
 
     def _stop_motion_and_worker(self, reason: str) -> None:
         with self._out_lock:
-            if self._active and self._enabled:
-                self._publish_stop(reason)
+            self.stop_motion(reason)
             self._active = False
-            self._enabled = False
         with self._cond:
             self._pending = None
         self._stop_worker()
@@ -343,6 +393,7 @@ class OpenVLANode(LifecycleNode):
             return
         self.stats.inc("frames_received")
         self.stats.last_image_monotonic = time.monotonic()
+        self._newest_stamp_ns = frame.stamp_ns
         with self._cond:
             if self._pending is not None:
                 self.stats.inc("frames_dropped")
@@ -373,26 +424,90 @@ class OpenVLANode(LifecycleNode):
         self.get_logger().info(f"instruction ({source}): {cleaned[:200]!r}")
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        try:
-            with self._out_lock:
-                if request.data:
-                    if not self._active:
-                        why = f"policy not loaded: {self.load_error}" if self.load_error else \
-                            f"lifecycle state is {self.lifecycle_state()}"
-                        response.success, response.message = False, f"cannot enable motion: {why}"
-                    else:
-                        self._enabled = True
-                        response.success, response.message = True, "motion enabled"
+        with self._out_lock:
+            if request.data:
+                if self._shutting_down:
+                    response.success, response.message = False, "cannot enable motion: shutting down"
+                elif not self._active:
+                    why = f"policy not loaded: {self.load_error}" if self.load_error else \
+                        f"lifecycle state is {self.lifecycle_state()}"
+                    response.success, response.message = False, f"cannot enable motion: {why}"
                 else:
-                    self._enabled = False
-                    if self._active:
-                        self._publish_stop("disabled via ~/enable")
-                    response.success, response.message = True, "motion disabled; zero-motion action published"
-            self.get_logger().info(f"~/enable {request.data}: {response.message}")
-        except Exception as e:  # noqa: BLE001
-            self.stats.inc("callback_errors")
-            response.success, response.message = False, f"{type(e).__name__}: {e}"
+                    self._enabled = True
+                    response.success, response.message = True, "motion enabled"
+            else:
+                self.stop_motion("disabled via ~/enable", always=True)
+                response.success, response.message = True, "motion disabled; zero-motion action published"
+        self.get_logger().info(f"~/enable {request.data}: {response.message}")
         return response
+
+    @staticmethod
+    def _enable_failed(request: SetBool.Request, response: SetBool.Response, error: Exception) -> SetBool.Response:
+        response.success, response.message = False, f"{type(error).__name__}: {error}"
+        return response
+
+    # ------------------------------------------------------------------ stopping the robot
+    def stop_motion(self, reason: str, *, disable: bool = True, always: bool = False) -> bool:
+        """THE safety stop, called from every place that must stop the robot (~/enable false,
+        stale input, deactivate / shutdown / error, SIGINT / SIGTERM): one zero-motion action on
+        `action` (and `action_preview`) and one zero twist on `twist`, published while active with
+        motion enabled (`always`: even when already disabled, as ~/enable false promises).
+        `disable` turns motion off. The zero-motion action holds the last commanded gripper (NaN
+        if none was ever commanded); its empty normalized / unclipped / tokens mark it as not a
+        model output. Safe in a signal handler: it takes only the re-entrant _out_lock (no counter
+        locks). Returns whether a stop was published."""
+        with self._out_lock:
+            publish = self._active and (self._enabled or always) and self._pub_action is not None
+            if disable:
+                self._enabled = False
+            if publish:
+                msg = EndEffectorAction()
+                msg.header.stamp = self.get_clock().now().to_msg()
+                msg.header.frame_id = self.cfg.action_frame
+                gripper, raw = self._last_gripper if self._last_gripper else (math.nan, math.nan)
+                msg.gripper, msg.gripper_raw = gripper, raw
+                msg.unnorm_key = self.cfg.unnorm_key
+                msg.sequence = self._next_sequence()
+                self._pub_action.publish(msg)
+                if self._pub_twist is not None:
+                    self._pub_twist.publish(self._twist(msg, self.cfg.action_period_s))
+                if self._pub_preview is not None:
+                    self._pub_preview.publish(msg)
+                self._motion_since_stop = False
+        if publish:
+            self.get_logger().info(f"zero-motion action published ({reason})")
+        return publish
+
+    def stop_for_signal(self, signame: str, *, dying: bool = False) -> None:
+        """SIGINT / SIGTERM (from the handler, main thread): stop the robot first, keep motion off
+        from now on. `dying` (a second signal): also wait briefly until the stop is acknowledged,
+        since the process ends right after."""
+        self._shutting_down = True
+        self.stop_motion(f"signal {signame}")
+        if dying:  # the stop may have gone out microseconds ago, in this handler or the first one
+            for pub in (self._pub_action, self._pub_twist):
+                if pub is not None:
+                    pub.wait_for_all_acked(Duration(seconds=STOP_FLUSH_TIMEOUT_S))
+
+    def _input_stale(self) -> str | None:
+        """Why the camera input is stale (the newest frame received is too old, by the same rule
+        as every frame), or None. No frame since activation: None (nothing was commanded)."""
+        stamp = self._newest_stamp_ns
+        return None if stamp is None else image_too_old(stamp, self._now_ns(), self.cfg.max_image_age_s)
+
+    def _watch_input(self) -> None:
+        """Stale-input watchdog (executor timer, at least twice per action_period_s): when the
+        camera stops or its stamps freeze while motion is enabled, a velocity consumer would keep
+        the last twist; send one stop per stale episode (an episode ends with the next command)."""
+        with self._out_lock:
+            if not (self._active and self._enabled and self._motion_since_stop):
+                return
+            reason = self._input_stale()
+            if not reason or not self.stop_motion(f"stale input: {reason}", disable=False):
+                return
+        self.stats.inc("stale_input_stops")
+        self._warn(f"stale input while motion is enabled: {reason}; zero-motion action and zero twist "
+                   "published, acting again on fresh frames")
 
     # ------------------------------------------------------------------ worker
     def _start_worker(self) -> None:
@@ -440,13 +555,20 @@ class OpenVLANode(LifecycleNode):
                                         throttle_duration_sec=self.cfg.log_throttle_s)
 
     def _process(self, frame: Frame) -> None:
+        inference = self._infer(frame)
+        if inference is not None:
+            self._publish(inference)
+
+    def _infer(self, frame: Frame) -> Inference | None:
+        """Checks before inference (instruction, image age), conversion, the model, and the checks
+        on its result (valid tokens, finite values, clipping). None: refused (counted, warned)."""
         from openvla_model import InputError
 
         cfg = self.cfg
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         policy = self.policy
         if policy is None or not self._active:
-            return
+            return None
         with self._out_lock:
             instr = self._instruction
         problem = instruction_stale(instr, self._now_ns(), cfg.max_instruction_age_s)
@@ -454,32 +576,31 @@ class OpenVLANode(LifecycleNode):
             self.stats.inc("rejected_no_instruction" if problem == "no instruction" else "rejected_stale_instruction")
             if problem != "no instruction":
                 self._warn(f"not acting: {problem}")
-            return
+            return None
         reason = image_too_old(frame.stamp_ns, self._now_ns(), cfg.max_image_age_s)
         if reason:
             self._reject("rejected_stale_image", f"frame not acted on: {reason}")
-            return
+            return None
         try:
             rgb = compressed_msg_to_rgb(frame.msg, cfg.max_image_pixels) if frame.compressed \
                 else image_msg_to_rgb(frame.msg, cfg.max_image_pixels)
         except ImageConversionError as e:
             self._reject("rejected_bad_image", f"bad image: {e}")
-            return
+            return None
         self.stats.inc("frames_processed")
         t1 = time.perf_counter()
         try:
             result = policy.predict(rgb, instr.text, cfg.unnorm_key or None)
         except InputError as e:
             self._reject("rejected_bad_input", f"input refused by the model: {e}")
-            return
+            return None
         except Exception as e:  # noqa: BLE001 - BackendError and anything else: counted, reported, survived
             self.stats.inc("inference_errors")
             self.stats.error(f"inference failed: {type(e).__name__}: {e}", failure=True)
             self.get_logger().error(f"inference failed: {type(e).__name__}: {e}",
                                     throttle_duration_sec=cfg.log_throttle_s)
-            return
-        t2 = time.perf_counter()
-        model_ms = float(result.timings_ms.get("total", (t2 - t1) * 1e3))
+            return None
+        model_ms = float(result.timings_ms.get("total", (time.perf_counter() - t1) * 1e3))
         with self._out_lock:
             seq = self._next_sequence()
         if not result.valid:
@@ -487,15 +608,19 @@ class OpenVLANode(LifecycleNode):
             self._reject("rejected_invalid_result",
                          f"invalid model output (sequence {seq}): out-of-range tokens {bad}, "
                          f"action {[round(float(v), 5) for v in result.action]}")
-            return
+            return None
         try:
             safe = make_safe_action(result.action, cfg.limits, cfg.gripper)
         except SafetyError as e:
             self._reject("rejected_invalid_result", f"invalid model output (sequence {seq}): {e}")
-            return
+            return None
+        return Inference(frame, instr, result, safe, seq, model_ms, started)
+
+    def _action_msg(self, inf: Inference) -> EndEffectorAction:
+        result, safe = inf.result, inf.safe
         msg = EndEffectorAction()
-        msg.header.stamp = frame.msg.header.stamp
-        msg.header.frame_id = cfg.action_frame
+        msg.header.stamp = inf.frame.msg.header.stamp
+        msg.header.frame_id = self.cfg.action_frame
         msg.delta_position.x, msg.delta_position.y, msg.delta_position.z = safe.delta_position
         msg.delta_orientation.x, msg.delta_orientation.y, msg.delta_orientation.z = safe.delta_orientation
         msg.gripper, msg.gripper_raw = float(safe.gripper), float(safe.gripper_raw)
@@ -503,39 +628,48 @@ class OpenVLANode(LifecycleNode):
         msg.unclipped = [float(v) for v in result.action]
         msg.tokens = [int(t) for t in result.tokens]
         msg.clipped = safe.clipped
-        msg.instruction = instr.text
+        msg.instruction = inf.instruction.text
         msg.unnorm_key = str(result.unnorm_key)
-        msg.inference_ms = model_ms
-        msg.sequence = seq
+        msg.inference_ms = inf.model_ms
+        msg.sequence = inf.sequence
+        return msg
+
+    def _publish(self, inf: Inference) -> None:
+        """Under the output lock: drop the result when deactivated, when the instruction changed
+        during inference or when the frame aged past max_image_age_s meanwhile; else publish it on
+        `action` / `twist` / `gripper` (motion enabled) and `action_preview`, and count it."""
+        cfg = self.cfg
+        msg = self._action_msg(inf)
         with self._out_lock:
             if not self._active:
                 return
-            if self._instruction is None or self._instruction.generation != instr.generation:
+            if self._instruction is None or self._instruction.generation != inf.instruction.generation:
                 self._reject("rejected_stale_instruction",
                              "result dropped: the instruction changed or was cleared during inference")
                 return
             now_ns = self._now_ns()
-            reason = image_too_old(frame.stamp_ns, now_ns, cfg.max_image_age_s)
+            reason = image_too_old(inf.frame.stamp_ns, now_ns, cfg.max_image_age_s)
             if reason:
                 self._reject("rejected_stale_image", f"result dropped before publishing: {reason}")
                 return
-            msg.latency_ms = (now_ns - frame.stamp_ns) * 1e-6
+            msg.latency_ms = (now_ns - inf.frame.stamp_ns) * 1e-6
             if self._enabled:
                 self._pub_action.publish(msg)
                 if self._pub_twist is not None:
                     self._pub_twist.publish(self._twist(msg, cfg.action_period_s))
                 if self._pub_gripper is not None:
-                    self._pub_gripper.publish(Float64(data=float(safe.gripper)))
-                self._last_gripper = (float(safe.gripper), float(safe.gripper_raw))
+                    self._pub_gripper.publish(Float64(data=float(inf.safe.gripper)))
+                self._last_gripper = (float(inf.safe.gripper), float(inf.safe.gripper_raw))
+                self._motion_since_stop = True
                 self.stats.inc("actions_published")
                 self.stats.published(msg.latency_ms)
             if self._pub_preview is not None:
                 self._pub_preview.publish(msg)
                 self.stats.inc("actions_previewed")
-            if safe.clipped:
+            if inf.safe.clipped:
                 self.stats.inc("actions_clipped")
         self._last_frame_problem = None
-        self.stats.success(model_ms, (time.perf_counter() - t0) * 1e3 - model_ms)
+        self.stats.success(inf.model_ms, (time.perf_counter() - inf.started) * 1e3 - inf.model_ms)
 
     def _reject(self, counter: str, message: str) -> None:
         self.stats.inc(counter)
@@ -555,26 +689,6 @@ class OpenVLANode(LifecycleNode):
         tw.twist.angular.z = action.delta_orientation.z / period_s
         return tw
 
-    def _publish_stop(self, reason: str) -> None:
-        """One zero-motion action (and zero twist). Caller holds _out_lock. The gripper holds its
-        last commanded value (NaN if none was ever commanded); the empty normalized/unclipped/tokens
-        arrays mark it as not a model output."""
-        if self._pub_action is None:
-            return
-        msg = EndEffectorAction()
-        msg.header.stamp = self.get_clock().now().to_msg()
-        msg.header.frame_id = self.cfg.action_frame
-        gripper, raw = self._last_gripper if self._last_gripper else (math.nan, math.nan)
-        msg.gripper, msg.gripper_raw = gripper, raw
-        msg.unnorm_key = self.cfg.unnorm_key
-        msg.sequence = self._next_sequence()
-        self._pub_action.publish(msg)
-        if self._pub_twist is not None:
-            self._pub_twist.publish(self._twist(msg, self.cfg.action_period_s))
-        if self._pub_preview is not None:
-            self._pub_preview.publish(msg)
-        self.get_logger().info(f"zero-motion action published ({reason})")
-
     # ------------------------------------------------------------------ diagnostics
     def health(self) -> Health:
         cfg = self.cfg
@@ -591,7 +705,8 @@ class OpenVLANode(LifecycleNode):
             seconds_since_image=(time.monotonic() - last_img) if last_img else None,
             last_image_problem=self._last_frame_problem,
             recent_rejection=since_rej is not None and since_rej <= max(cfg.diagnostics_period_s, 1.0),
-            max_image_age_s=cfg.max_image_age_s)
+            max_image_age_s=cfg.max_image_age_s,
+            stale_input=self._input_stale() if self._active and self._enabled else None)
 
     def diagnostic_values(self) -> dict:
         cfg, snap, info = self.cfg, self.stats.snapshot(), self.policy_info
@@ -641,9 +756,18 @@ def main(argv=None) -> int:
     # on SIGINT/SIGTERM, which needs the ROS context still alive (rclpy's handlers shut it down).
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
+    nodes: list[OpenVLANode] = []
 
     def on_signal(signum, _frame):
-        if stop.is_set():  # second signal: give up on the orderly path
+        # The robot stops first, in the handler itself (microseconds), whatever follows: a second
+        # signal (even 10 ms later) ends the process without the orderly path.
+        dying = stop.is_set()
+        for node in nodes:
+            try:
+                node.stop_for_signal(signal.Signals(signum).name, dying=dying)
+            except Exception as e:  # noqa: BLE001 - never raise into the code the signal interrupted
+                node.get_logger().error(f"stop on signal failed: {type(e).__name__}: {e}")
+        if dying:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         stop.set()
@@ -651,7 +775,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        node = OpenVLANode()
+        node = OpenVLANode(ros_args=args)
+        nodes.append(node)
     except ParameterError as e:
         get_logger(NODE_NAME).error("invalid parameters:\n  " + "\n  ".join(e.problems))
         rclpy.try_shutdown()

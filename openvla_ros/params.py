@@ -1,17 +1,26 @@
 """Every parameter of openvla_node, declared in one place with descriptors and validated with
 clear errors (all problems at once, one line each).
 
-`declare_and_read(node)` declares the parameters on a node and returns a validated NodeConfig;
+`declare_and_read(node, ...)` declares the parameters on a node and returns a validated NodeConfig;
 `validate(values)` builds a NodeConfig from a plain dict (also used to vet runtime changes).
 Parameters marked read-only take effect at start (model, topics, QoS); the others may be changed
 at runtime with `ros2 param set` and are validated the same way.
+
+Unknown names (a typo such as `max_delta_positon_m` would otherwise be ignored silently, leaving
+the default limit in force) are refused, naming the closest known parameter, unless
+`allow_unknown_parameters` is true (then each is warned about once). Names that reach the node
+only through a `/**` section of a params file, which other nodes share, are warned about, not
+refused: `wildcard_only_names()` tells them apart by reading the --params-file YAMLs, since rclpy
+merges every source into one dict of overrides.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Collection, Iterable
 
 from .image_conversion import DEFAULT_MAX_PIXELS
 from .safety import GRIPPER_CONVENTIONS, GripperConfig, MotionLimits, SafetyError
@@ -57,6 +66,11 @@ class Spec:
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None  # returns a problem or None
     number: bool = False  # float / float array: integers are accepted too
+    env: str | None = None  # environment variable holding the default, read when the node starts
+
+    def initial(self):
+        """The default as of now (`env` is read at each call, not at import)."""
+        return os.environ.get(self.env, self.default) if self.env else self.default
 
 
 def _positive(v):
@@ -95,8 +109,8 @@ SPECS: dict[str, Spec] = {
     "device": Spec("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:N.", check=_device),
     "dtype": Spec("auto", "torch dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16.",
                   choices=DTYPES),
-    "weights_path": Spec(os.environ.get("OPENVLA_WEIGHTS", ""),
-                         "Checkpoint directory in the HF openvla-7b layout (default: $OPENVLA_WEIGHTS)."),
+    "weights_path": Spec("", "Checkpoint directory in the HF openvla-7b layout (default: $OPENVLA_WEIGHTS, read "
+                         "when the node starts).", env="OPENVLA_WEIGHTS"),
     "unnorm_key": Spec("", "Dataset statistics key used to un-normalise actions (e.g. bridge_orig). Required when "
                        "the checkpoint has several datasets.", read_only=False),
     "center_crop": Spec(False, "Central 90% crop before resizing (only for LIBERO fine-tunes)."),
@@ -151,6 +165,9 @@ SPECS: dict[str, Spec] = {
     "output_qos_depth": Spec(10, "Queue depth of action/twist/gripper publishers (reliable).",
                              check=_int_at_least(1)),
     # -- lifecycle and status --
+    "allow_unknown_parameters": Spec(False, "false: parameters the node does not know (typos) make it exit with "
+                                     "code 2 naming them; true: warn once per name and start. Names from a `/**` "
+                                     "params-file section are only warned about."),
     "autostart": Spec(True, "Configure (load the model) and activate at start, so plain `ros2 run` works."),
     "diagnostics_period_s": Spec(1.0, "Period of /diagnostics messages, s.", check=_positive, number=True),
     "log_throttle_s": Spec(5.0, "Minimum interval between repeated warnings of one kind, s.", read_only=False,
@@ -189,6 +206,7 @@ class NodeConfig:
     publish_gripper: bool
     publish_preview: bool
     output_qos_depth: int
+    allow_unknown_parameters: bool
     autostart: bool
     diagnostics_period_s: float
     log_throttle_s: float
@@ -223,7 +241,7 @@ def validate(values: dict) -> NodeConfig:
     problems: list[str] = []
     v = {}
     for name, spec in SPECS.items():
-        value = values.get(name, spec.default)
+        value = values.get(name, spec.initial())
         p = _type_problem(name, spec, value)
         if p is None and spec.choices is not None and value not in spec.choices:
             shown = ", ".join(repr(c) if c == "" else str(c) for c in spec.choices)
@@ -262,7 +280,8 @@ def validate(values: dict) -> NodeConfig:
         limits=limits, gripper=gripper, action_frame=v["action_frame"].strip(),
         action_period_s=v["action_period_s"], publish_twist=v["publish_twist"],
         publish_gripper=v["publish_gripper"], publish_preview=v["publish_preview"],
-        output_qos_depth=v["output_qos_depth"], autostart=v["autostart"],
+        output_qos_depth=v["output_qos_depth"], allow_unknown_parameters=v["allow_unknown_parameters"],
+        autostart=v["autostart"],
         diagnostics_period_s=v["diagnostics_period_s"], log_throttle_s=v["log_throttle_s"], values=dict(values))
 
 
@@ -287,23 +306,122 @@ def _kind(spec: Spec) -> str:
     return "a string"
 
 
-def declare_and_read(node) -> NodeConfig:
-    """Declare every parameter on `node` and return the validated configuration.
-    Raises ParameterError listing every wrong type and every invalid value at once."""
+def closest_name(name: str, known: Iterable[str]) -> str:
+    """The known parameter name most like `name` (difflib's ratio), for "did you mean" messages."""
+    known = sorted(known)
+    return (difflib.get_close_matches(name, known, n=1, cutoff=0.0) or [""])[0]
+
+
+WILDCARD = "/**"  # the only wildcard section rclpy applies (rclpy Node.get_parameters)
+
+
+def _ros_args(args: Iterable[str] | None):
+    """(flag, value) of every --params-file and -p/--param inside the --ros-args sections of `args`."""
+    in_ros, it = False, iter(args or ())
+    for a in it:
+        if a == "--ros-args":
+            in_ros = True
+        elif a == "--":
+            in_ros = False
+        elif in_ros and a in ("--params-file", "-p", "--param"):
+            yield a, next(it, "")
+
+
+def _flat_names(params: dict, prefix: str = "") -> set[str]:
+    """Parameter names as rcl flattens them: nested mappings join with '.'."""
+    names = set()
+    for k, v in params.items():
+        names |= _flat_names(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return names
+
+
+def params_file_sections(path: str | os.PathLike) -> dict[str, set[str]]:
+    """{node key ('/**', '/ns/name'): parameter names} of a ros__parameters YAML file. Keys are
+    normalised as rcl does: a leading '/', nested mappings above ros__parameters joined by '/'."""
+    import yaml
+
+    sections: dict[str, set[str]] = {}
+
+    def walk(d: dict, parts: list[str]):
+        for k, v in d.items():
+            if not isinstance(v, dict):
+                continue
+            if k == "ros__parameters":
+                key = "/" + "/".join(p for p in (str(q).strip("/") for q in parts) if p)
+                sections.setdefault(key, set()).update(_flat_names(v))
+            else:
+                walk(v, parts + [str(k)])
+
+    doc = yaml.safe_load(Path(path).read_text())
+    if isinstance(doc, dict):
+        walk(doc, [])
+    return sections
+
+
+def wildcard_only_names(arg_lists: Iterable[Iterable[str] | None], node_fqn: str,
+                        explicit: Iterable[str] = ()) -> set[str]:
+    """Names that reach node `node_fqn` only through `/**` sections of the --params-file YAMLs in
+    `arg_lists` (the process's and the node's own arguments): not from a section keyed by the
+    node's name, not from -p, not from `explicit` (constructor overrides). A file that cannot be
+    read here counts as naming nothing (its names are then treated as given to this node)."""
+    wild, specific = set(), set(explicit)
+    for args in arg_lists:
+        for flag, value in _ros_args(args):
+            if flag != "--params-file":
+                specific.add(value.split(":=", 1)[0].rsplit(":", 1)[-1])  # [node:]name:=value
+                continue
+            try:
+                sections = params_file_sections(value)
+            except Exception:  # noqa: BLE001 - rcl has parsed it already; no wildcard information here
+                continue
+            wild |= sections.get(WILDCARD, set())
+            specific |= sections.get(node_fqn, set())
+    return wild - specific
+
+
+def unknown_parameters(given: Iterable[str], known: Collection[str], wildcard_only: Collection[str],
+                       allow: bool) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for the names in `given` that are not in `known`: problems for names
+    given to this node (refused unless `allow`), warnings for the rest. One line per name, with
+    the closest known name."""
+    problems, warnings = [], []
+    for name in sorted(set(given) - set(known)):
+        hint = f"closest known: {closest_name(name, known)}"
+        if name in wildcard_only:
+            warnings.append(f"{name}: unknown parameter in a {WILDCARD} params-file section, ignored ({hint})")
+        elif allow:
+            warnings.append(f"{name}: unknown parameter, ignored (allow_unknown_parameters is true; {hint})")
+        else:
+            problems.append(f"{name}: unknown parameter ({hint}; allow_unknown_parameters:=true starts anyway)")
+    return problems, warnings
+
+
+def declare_and_read(node, given: Iterable[str] = (), wildcard_only: Collection[str] = ()) \
+        -> tuple[NodeConfig, list[str]]:
+    """Declare every parameter on `node` and return (the validated configuration, warnings).
+    `given`: every parameter name handed to the node (its overrides); `wildcard_only`: those
+    that reached it only through a `/**` params-file section (see wildcard_only_names).
+    Raises ParameterError listing every wrong type, invalid value and unknown name at once."""
     from rclpy.exceptions import ParameterException
 
     problems, values = [], {}
     for name, spec in SPECS.items():
         try:
-            node.declare_parameter(name, spec.default, descriptor(name, spec))
+            node.declare_parameter(name, spec.initial(), descriptor(name, spec))
             values[name] = node.get_parameter(name).value
         except ParameterException as e:  # wrong type given as an override
             problems.append(f"{name}: wrong type, expected {_kind(spec)} ({e})")
-            values[name] = spec.default
+            values[name] = spec.initial()
+    given = list(given)
+    known = set(SPECS) | {n for n in given if node.has_parameter(n)}  # + what rclpy declares (use_sim_time)
+    allow = values.get("allow_unknown_parameters") is True
+    unknown_problems, warnings = unknown_parameters(given, known, wildcard_only, allow)
+    problems += unknown_problems
+    cfg = None
     try:
         cfg = validate(values)
     except ParameterError as e:
         problems += e.problems
     if problems:
         raise ParameterError(problems)
-    return cfg
+    return cfg, warnings

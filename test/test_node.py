@@ -12,6 +12,7 @@ One node process is reused across the checks that can share it (2-core CI machin
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -132,6 +133,8 @@ def test_diagnostics_levels():
     assert level(recent_rejection=True)[0] == WARN
     assert level(instruction_problem="no instruction") == (OK, "idle: waiting for an instruction")
     assert level(enabled=False)[0] == OK and "DISABLED" in level(enabled=False)[1]
+    stale = level(stale_input="image is 1.300 s old (max_image_age_s 1)")
+    assert stale[0] == WARN and "stale input" in stale[1] and "1.300 s old" in stale[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ def test_process_bad_inputs_are_counted_and_never_acted_on(proc_node):
 
     bad_images = {
         "16UC1": raw("16UC1", 8, 8, 16, 128),
-        "yuv422": raw("yuv422", 8, 8, 16, 128),
+        "32FC1": raw("32FC1", 8, 8, 32, 256),
         "zero size": raw("rgb8", 0, 0, 0, 0),
         "step too small": raw("rgb8", 8, 8, 20, 160),
         "truncated": raw("rgb8", 8, 8, 24, 100),
@@ -517,7 +520,7 @@ def test_process_sigterm_publishes_zero_motion_and_exits_cleanly(proc_node):
     out = node.output()
     assert code == 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
-    assert "zero-motion action published (shutting down)" in out and "policy closed" in out
+    assert "zero-motion action published (signal SIGTERM)" in out and "policy closed" in out
     stops = wait_until(lambda: [m for ts, m in list(h.actions) if ts >= t and len(m.tokens) == 0], 3)
     assert stops, "no zero-motion action on shutdown"
 
@@ -625,9 +628,12 @@ def inproc(ros, tiny_weights, tiny_policy):
     thread.start()
     made = []
 
-    def factory(namespace, compressed=False, scripted=True, **params):
-        scripted_policy = ScriptedPolicy(tiny_policy) if scripted else None
-        loader = (lambda cfg: scripted_policy) if scripted else None
+    def factory(namespace, compressed=False, scripted=True, loader=None, **params):
+        """loader: a policy loader of the test's own (else the scripted tiny policy, or with
+        scripted=False the real loader)."""
+        scripted_policy = ScriptedPolicy(tiny_policy) if scripted and loader is None else None
+        if scripted_policy is not None:
+            loader = lambda cfg: scripted_policy  # noqa: E731
         node = make_node(namespace, tiny_weights, loader, **params)
         executor.add_node(node)
         h = Harness(executor, namespace, "openvla_in", compressed=compressed)
@@ -821,3 +827,384 @@ def test_params_files_and_mesh_profile_load_into_the_node(ros, tmp_path):
         assert node.lifecycle_state() == "unconfigured"
     finally:
         node.destroy_node()
+
+
+# ---------------------------------------------------------------------------------------------
+# unknown parameters (issue 9): refused with the closest known name, warned with
+# allow_unknown_parameters or when they come only from a shared /** params-file section
+# ---------------------------------------------------------------------------------------------
+def test_params_file_sections_are_keyed_like_rcl_and_wildcard_only_names_found(tmp_path):
+    from openvla_ros.params import params_file_sections, wildcard_only_names
+
+    f = tmp_path / "p.yaml"
+    f.write_text("/**:\n  ros__parameters:\n    shared_a: 1\n    precision:\n      ffn_weigth_dtype: bf16\n"
+                 "    both_b: 1\n"
+                 "/ns/node:\n  ros__parameters:\n    own_c: 1\n"
+                 "ns:\n  node:\n    ros__parameters:\n      nested_d: 1\n      both_b: 2\n"
+                 "/other:\n  ros__parameters:\n    other_e: 1\n")
+    sections = params_file_sections(f)
+    assert sections == {"/**": {"shared_a", "precision.ffn_weigth_dtype", "both_b"},
+                        "/ns/node": {"own_c", "nested_d", "both_b"}, "/other": {"other_e"}}
+    args = ["prog", "--ros-args", "--params-file", str(f), "-p", "shared_a:=2", "--"]
+    # shared_a is also given with -p, both_b also in the node's own section: neither is wildcard-only
+    assert wildcard_only_names([args], "/ns/node") == {"precision.ffn_weigth_dtype"}
+    assert wildcard_only_names([args], "/ns/node", explicit=["precision.ffn_weigth_dtype"]) == set()
+    # another node: everything in /** reaches it only through the wildcard, except what -p gives
+    assert wildcard_only_names([args], "/elsewhere") == {"precision.ffn_weigth_dtype", "both_b"}
+    # outside --ros-args, --params-file is the program's own argument
+    assert wildcard_only_names([["prog", "--params-file", str(f)]], "/ns/node") == set()
+
+
+def test_unknown_parameters_name_the_closest_known_one():
+    from openvla_ros.params import SPECS, unknown_parameters
+
+    given = ["max_delta_positon_m", "gripper_treshold", "max_image_age_s", "use_sim_time"]
+    known = set(SPECS) | {"use_sim_time"}
+    problems, warnings = unknown_parameters(given, known, wildcard_only={"gripper_treshold"}, allow=False)
+    assert problems == ["max_delta_positon_m: unknown parameter (closest known: max_delta_position_m; "
+                        "allow_unknown_parameters:=true starts anyway)"]
+    assert warnings == ["gripper_treshold: unknown parameter in a /** params-file section, ignored "
+                        "(closest known: gripper_threshold)"]
+    problems, warnings = unknown_parameters(given, known, wildcard_only=(), allow=True)
+    assert problems == [] and len(warnings) == 2
+    assert "max_delta_positon_m" in warnings[1] and "closest known: max_delta_position_m" in warnings[1]
+
+
+@requires_ros
+@pytest.mark.parametrize("case", ["cli", "node_section"])
+def test_process_unknown_parameters_refuse_to_start(tmp_path, case):
+    """A typo in a safety limit must not leave the default in force silently: exit 2, each unknown
+    name with the closest known one, before anything is loaded."""
+    if case == "cli":
+        params = ["max_delta_positon_m:=[0.01, 0.01, 0.01]", "autostart:=false"]
+        expected = {"max_delta_positon_m": "max_delta_position_m"}
+        extra = []
+    else:
+        f = tmp_path / "robot.yaml"
+        f.write_text("/unk/openvla_unk:\n  ros__parameters:\n    autostart: false\n    gripper_treshold: 0.4\n"
+                     "    precision:\n      ffn_weigth_dtype: bf16\n")
+        params, extra = [], ["--params-file", str(f)]
+        expected = {"gripper_treshold": "gripper_threshold",
+                    "precision.ffn_weigth_dtype": "precision.ffn_weight_dtype"}
+    node = NodeProcess(node_cmd("/unk", "openvla_unk", *params) + extra, tmp_path / "unk.log")
+    try:
+        code = node.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if node.proc.poll() is None:
+            node.stop(signal.SIGKILL)
+    out = node.output()
+    node.log.close()
+    assert code == 2, f"exit code {code}, expected 2:\n{out[-3000:]}"
+    assert "invalid parameters" in out and "Traceback" not in out, out
+    for name, closest in expected.items():
+        assert f"{name}: unknown parameter (closest known: {closest};" in out, out
+
+
+@requires_ros
+@pytest.mark.parametrize("case", ["allowed", "wildcard_section"])
+def test_process_unknown_parameters_warned_once_when_allowed_or_shared(tmp_path, case):
+    """allow_unknown_parameters: true, or names that reach the node only through a /** section
+    (shared with other nodes): the node starts and warns once per name."""
+    if case == "allowed":
+        params, extra = ["allow_unknown_parameters:=true", "max_delta_positon_m:=[0.01, 0.01, 0.01]"], []
+        name, closest = "max_delta_positon_m", "max_delta_position_m"
+    else:
+        f = tmp_path / "shared.yaml"
+        f.write_text("/**:\n  ros__parameters:\n    gripper_treshold: 0.4\n    max_image_age_s: 2.0\n")
+        params, extra = [], ["--params-file", str(f)]
+        name, closest = "gripper_treshold", "gripper_threshold"
+    node = NodeProcess(node_cmd("/unk", "openvla_unk", "autostart:=false", *params) + extra, tmp_path / "unk.log")
+    try:
+        started = wait_until(lambda: "parameters ok" in node.output() or node.proc.poll() is not None, 30)
+        out = node.output()
+        assert started and node.proc.poll() is None, f"node did not start:\n{out[-3000:]}"
+    finally:
+        code = node.stop(signal.SIGTERM)
+    out = node.output()
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+    lines = [ln for ln in out.splitlines() if f"{name}: unknown parameter" in ln]
+    assert len(lines) == 1, out[-3000:]
+    assert "WARN" in lines[0] and f"closest known: {closest}" in lines[0] and "ignored" in lines[0]
+
+
+@requires_ros
+def test_weights_path_default_is_read_from_the_environment_when_the_node_starts(ros, monkeypatch, tmp_path):
+    import openvla_ros.params  # noqa: F401 - imported before the variable is set, as in a long-lived process
+    from rclpy.parameter import Parameter
+
+    from openvla_ros.node import OpenVLANode
+
+    monkeypatch.setenv("OPENVLA_WEIGHTS", str(tmp_path / "weights_from_env"))
+    node = OpenVLANode("openvla_env", namespace="/env", parameter_overrides=[Parameter("autostart", value=False)])
+    try:
+        assert node.cfg.weights_path == str(tmp_path / "weights_from_env")
+        assert node.get_parameter("weights_path").value == str(tmp_path / "weights_from_env")
+    finally:
+        node.destroy_node()
+
+
+# ---------------------------------------------------------------------------------------------
+# stale input and signals (issue 9): a separate node process with a short max_image_age_s
+# ---------------------------------------------------------------------------------------------
+STALE_MAX_AGE_S, STALE_PERIOD_S = 0.6, 0.3
+
+
+def _ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _is_zero_twist(tw) -> bool:
+    t = tw.twist
+    return (t.linear.x, t.linear.y, t.linear.z, t.angular.x, t.angular.y, t.angular.z) == (0.0,) * 6
+
+
+@pytest.fixture(scope="module")
+def stale_node(ros, tiny_weights, tmp_path_factory):
+    cmd = node_cmd("/stale", "openvla_stale", "backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}",
+                   "unnorm_key:=bridge_orig", "start_enabled:=true", "publish_twist:=true",
+                   "diagnostics_period_s:=0.1", f"max_image_age_s:={STALE_MAX_AGE_S}",
+                   f"action_period_s:={STALE_PERIOD_S}", "log_throttle_s:=0.2",
+                   "max_delta_position_m:=[1.0, 1.0, 1.0]")  # unclipped: the model's twist is non-zero
+    node = NodeProcess(cmd, tmp_path_factory.mktemp("stale") / "node.log")
+    harness = Harness(ros, "/stale", "openvla_stale")
+    try:
+        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=60)
+        assert up, f"node process did not become active:\n{node.output()[-3000:]}"
+        harness.wait_connected()
+        _ensure_instruction(harness)
+        yield node, harness
+    finally:
+        harness.close()
+        if node.proc.poll() is None:
+            node.stop(signal.SIGKILL)
+
+
+def _drive_until_moving(h, frame, stamp_fn=None, timeout=10.0):
+    """Send frames at ~10 Hz until a motion action (tokens, non-zero twist) comes back; returns
+    the stamp key of the frame it answered."""
+    deadline, keys = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        keys.append(h.send_image(frame, stamp_fn() if stamp_fn else None))
+        time.sleep(0.1)
+        answered = h.action_stamps() & set(keys)
+        if answered:
+            return max(answered)
+    raise AssertionError("no action while driving fresh frames")
+
+
+def _stops_since(h, t):
+    """(zero-motion actions, zero twists) received since monotonic time t."""
+    with h.lock:
+        actions = [m for ts, m in h.actions if ts >= t and len(m.tokens) == 0]
+        twists = [m for ts, m in h.twists if ts >= t and _is_zero_twist(m)]
+    return actions, twists
+
+
+def _moving_after_the_last_stop(h):
+    with h.lock:
+        t_stop = max(ts for ts, m in h.twists if _is_zero_twist(m))
+        return [m for ts, m in h.twists if ts > t_stop]
+
+
+@requires_ros
+def test_process_stale_input_publishes_one_zero_twist_per_episode(stale_node):
+    node, h = stale_node
+    _, frame = small_frame(81)
+    budget_ns = int((STALE_MAX_AGE_S + STALE_PERIOD_S) * 1e9)
+
+    # 1) the camera stops: one zero-motion action + one zero twist, in time, then nothing more
+    _drive_until_moving(h, frame)
+    with h.lock:
+        assert any(not _is_zero_twist(m) for _, m in h.twists), "the tiny model's twist should move"
+    last_ns = _ns(frame.header.stamp)
+    t_last = time.monotonic()
+    stops = wait_until(lambda: all(_stops_since(h, t_last)), 5)
+    assert stops, f"no zero twist / zero-motion action after the camera stopped:\n{node.output()[-2000:]}"
+    actions, twists = _stops_since(h, t_last)
+    for m in (actions[0], twists[0]):
+        late = _ns(m.header.stamp) - last_ns
+        assert int(STALE_MAX_AGE_S * 1e9) <= late <= budget_ns, f"stop {late / 1e9:.3f} s after the last frame"
+    d = h.wait_diag(lambda d: d["level"] == 1 and "stale input" in d["message"], timeout=3)
+    assert d and "old" in d["message"], d
+    time.sleep(1.0)
+    actions, twists = _stops_since(h, t_last)
+    assert (len(actions), len(twists)) == (1, 1), "one stop per stale episode"
+    assert not _moving_after_the_last_stop(h), "nothing may move after the stop while no frame arrives"
+    assert int(h.counts()["stale_input_stops"]) >= 1
+
+    # 2) fresh frames: acting again; then the stamp freezes: the same, once
+    _drive_until_moving(h, frame)
+    frozen = h.now()
+    t_freeze = time.monotonic()
+    while time.monotonic() - t_freeze < STALE_MAX_AGE_S + 1.0:
+        h.send_image(frame, frozen)
+        time.sleep(0.1)
+    actions, twists = _stops_since(h, t_freeze)
+    assert (len(actions), len(twists)) == (1, 1), (len(actions), len(twists))
+    assert _ns(twists[0].header.stamp) - _ns(frozen) <= budget_ns
+    assert not _moving_after_the_last_stop(h), "nothing may move after the stop while the stamp stays frozen"
+    assert h.counts()["rejected_stale_image"] > 0
+
+    # 3) fresh frames again: normal actions resume
+    key = _drive_until_moving(h, frame)
+    assert h.action_for(key) is not None
+
+
+@requires_ros
+def test_process_sigterm_then_sigint_10ms_apart_still_stops_the_robot(stale_node):
+    """A second signal may hurry the end, but the zero-motion action and zero twist go out first."""
+    node, h = stale_node
+    _, frame = small_frame(82)
+    _drive_until_moving(h, frame)
+    t = time.monotonic()
+    node.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.01)
+    node.proc.send_signal(signal.SIGINT)
+    try:
+        code = node.proc.wait(20)
+    finally:
+        node.stop(signal.SIGKILL)  # only if it is still running
+    out = node.output()
+    assert code in (0, -signal.SIGTERM, -signal.SIGINT), f"exit code {code}:\n{out[-3000:]}"
+    stops = wait_until(lambda: all(_stops_since(h, t)), 3)
+    assert stops, f"no zero-motion action / zero twist before the process ended (code {code}):\n{out[-3000:]}"
+    with h.lock:
+        last_twist = h.twists[-1][1]
+    assert _is_zero_twist(last_twist), "the last twist a velocity consumer saw must be zero"
+
+
+# ---------------------------------------------------------------------------------------------
+# documented behaviour (issue 10), in process, with a policy that blocks until released
+# ---------------------------------------------------------------------------------------------
+class BlockingPolicy(ScriptedPolicy):
+    """The tiny policy; each predict() waits (in the worker) until the test releases it."""
+
+    def __init__(self, policy):
+        super().__init__(policy)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def predict(self, rgb, instruction, unnorm_key=None):
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the inference"
+        self.release.clear()
+        return super().predict(rgb, instruction, unnorm_key)
+
+
+@requires_ros
+def test_inprocess_disable_during_inference_no_motion_follows(inproc, tiny_policy):
+    policy = BlockingPolicy(tiny_policy)
+    node, h, _ = inproc("/mid", loader=lambda cfg: policy, publish_twist=True, initial_instruction=INSTRUCTION)
+    assert node.autostart() and node.enabled
+    h.wait_connected()
+    _, frame = small_frame(91)
+    key = h.send_image(frame)
+    assert policy.entered.wait(10), "inference never started"
+    t_disable = time.monotonic()
+    assert h.set_enabled(False).success  # returns while the model is still busy with the frame
+    policy.release.set()
+    assert h.action_for(key, store=h.previews, timeout=10) is not None, "the result is still previewed"
+    time.sleep(0.3)
+    with h.lock:
+        after = [m for ts, m in h.actions if ts >= t_disable]
+        twists = [m for ts, m in h.twists if ts >= t_disable]
+    assert key not in h.action_stamps(), "a result computed before disable reached `action` after it"
+    assert len(after) == 1 and len(after[0].tokens) == 0, "only the zero-motion action follows disable"
+    assert len(twists) == 1 and _is_zero_twist(twists[0])
+
+
+@requires_ros
+def test_inprocess_results_dropped_when_instruction_changes_or_frame_ages_during_inference(inproc, tiny_policy):
+    from rclpy.parameter import Parameter
+
+    policy = BlockingPolicy(tiny_policy)
+    node, h, _ = inproc("/drop", loader=lambda cfg: policy, initial_instruction=INSTRUCTION)
+    assert node.autostart()
+    h.wait_connected()
+    _, frame = small_frame(92)
+
+    # the instruction changes while the model works on the old one: the result is dropped
+    key = h.send_image(frame)
+    assert policy.entered.wait(10)
+    policy.entered.clear()
+    before = node.stats.counts["rejected_stale_instruction"]
+    h.send_instruction("put the spoon in the bowl")
+    assert wait_until(lambda: node._instruction.text == "put the spoon in the bowl", 5)
+    policy.release.set()
+    assert wait_until(lambda: node.stats.counts["rejected_stale_instruction"] > before, 10), \
+        "the result computed for the old instruction was not dropped"
+    assert key not in h.action_stamps() | h.action_stamps(h.previews)
+
+    # the frame ages past max_image_age_s during inference: dropped by the re-check before publishing
+    assert all(r.successful for r in node.set_parameters([Parameter("max_image_age_s", value=0.4)]))
+    key = h.send_image(frame)
+    assert policy.entered.wait(10)
+    policy.entered.clear()
+    before = node.stats.counts["rejected_stale_image"]
+    time.sleep(0.6)
+    policy.release.set()
+    assert wait_until(lambda: node.stats.counts["rejected_stale_image"] > before, 10), \
+        "the frame that aged during inference was not dropped before publishing"
+    assert key not in h.action_stamps() | h.action_stamps(h.previews)
+
+    # and a fresh frame answered in time is published
+    key = h.send_image(frame)
+    assert policy.entered.wait(10)
+    policy.release.set()
+    assert h.action_for(key) is not None
+
+
+@requires_ros
+def test_inprocess_zero_motion_action_keeps_the_last_gripper_and_has_no_model_fields(inproc):
+    node, h, _ = inproc("/grip", initial_instruction=INSTRUCTION)
+    assert node.autostart()
+    h.wait_connected()
+
+    def disable_and_get_stop():
+        t = time.monotonic()
+        assert h.set_enabled(False).success
+        stops = wait_until(lambda: [m for ts, m in list(h.actions) if ts >= t], 5)
+        assert stops and len(stops) == 1
+        return stops[0]
+
+    stop = disable_and_get_stop()  # nothing was ever commanded: the gripper is unknown
+    assert math.isnan(stop.gripper) and math.isnan(stop.gripper_raw)
+    assert (len(stop.normalized), len(stop.unclipped), len(stop.tokens)) == (0, 0, 0)
+
+    assert h.set_enabled(True).success
+    _, frame = small_frame(93)
+    a = h.action_for(h.send_image(frame))
+    assert a is not None and len(a.tokens) == 7
+    stop = disable_and_get_stop()
+    assert (stop.gripper, stop.gripper_raw) == (a.gripper, a.gripper_raw)
+    assert (len(stop.normalized), len(stop.unclipped), len(stop.tokens)) == (0, 0, 0)
+    assert (stop.delta_position.x, stop.delta_position.y, stop.delta_position.z,
+            stop.delta_orientation.x, stop.delta_orientation.y, stop.delta_orientation.z) == (0.0,) * 6
+
+
+@requires_ros
+def test_inprocess_callback_exceptions_are_counted_and_the_node_survives(inproc):
+    node, h, _ = inproc("/cb", initial_instruction=INSTRUCTION)
+    assert node.autostart()
+    h.wait_connected()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    # a subscription callback
+    node._set_instruction_text = boom
+    h.send_instruction("anything")
+    assert wait_until(lambda: node.stats.counts["callback_errors"] == 1, 5)
+    assert "injected fault" in node.stats.last_error
+    del node._set_instruction_text
+    # a service callback: it still answers, with the reason
+    node.stop_motion = boom
+    resp = h.set_enabled(False)
+    assert not resp.success and "injected fault" in resp.message
+    assert node.stats.counts["callback_errors"] == 2
+    del node.stop_motion
+    # the node keeps working, and reports the errors
+    _, frame = small_frame(94)
+    assert h.action_for(h.send_image(frame)) is not None
+    assert h.wait_diag(lambda d: d["values"]["callback_errors"] == "2", timeout=5)
