@@ -489,16 +489,23 @@ class OpenVLANode(LifecycleNode):
                 if pub is not None:
                     pub.wait_for_all_acked(Duration(seconds=STOP_FLUSH_TIMEOUT_S))
 
-    def _input_stale(self) -> str | None:
+    def _image_stale(self) -> str | None:
         """Why the camera input is stale (the newest frame received is too old, by the same rule
         as every frame), or None. No frame since activation: None (nothing was commanded)."""
         stamp = self._newest_stamp_ns
         return None if stamp is None else image_too_old(stamp, self._now_ns(), self.cfg.max_image_age_s)
 
+    def _input_stale(self) -> str | None:
+        """Why the input no longer supports motion, or None: the instruction was cleared (refused)
+        or expired (max_instruction_age_s), or the camera input is stale."""
+        problem = instruction_stale(self._instruction, self._now_ns(), self.cfg.max_instruction_age_s)
+        return problem or self._image_stale()
+
     def _watch_input(self) -> None:
         """Stale-input watchdog (executor timer, at least twice per action_period_s): when the
-        camera stops or its stamps freeze while motion is enabled, a velocity consumer would keep
-        the last twist; send one stop per stale episode (an episode ends with the next command)."""
+        camera stops or its stamps freeze, or the instruction is cleared or expires, while motion
+        is enabled, a velocity consumer would keep the last twist; send one stop per stale episode
+        (an episode ends with the next command)."""
         with self._out_lock:
             if not (self._active and self._enabled and self._motion_since_stop):
                 return
@@ -706,7 +713,7 @@ class OpenVLANode(LifecycleNode):
             last_image_problem=self._last_frame_problem,
             recent_rejection=since_rej is not None and since_rej <= max(cfg.diagnostics_period_s, 1.0),
             max_image_age_s=cfg.max_image_age_s,
-            stale_input=self._input_stale() if self._active and self._enabled else None)
+            stale_input=self._image_stale() if self._active and self._enabled else None)
 
     def diagnostic_values(self) -> dict:
         cfg, snap, info = self.cfg, self.stats.snapshot(), self.policy_info

@@ -1051,6 +1051,23 @@ def test_process_stale_input_publishes_one_zero_twist_per_episode(stale_node):
     key = _drive_until_moving(h, frame)
     assert h.action_for(key) is not None
 
+    # 4) frames stay fresh but the instruction is refused (cleared): no command can follow, so
+    #    the last twist must not stand either: one stop, then nothing moves
+    stops_before = int(h.counts()["stale_input_stops"])
+    t_clear = time.monotonic()
+    h.send_instruction("")
+    while time.monotonic() - t_clear < STALE_PERIOD_S + 1.0:
+        h.send_image(frame)
+        time.sleep(0.1)
+    actions, twists = _stops_since(h, t_clear)
+    assert (len(actions), len(twists)) == (1, 1), (len(actions), len(twists))
+    assert not _moving_after_the_last_stop(h), "nothing may move after the instruction was cleared"
+    assert wait_until(lambda: int(h.counts()["stale_input_stops"]) > stops_before, 3), \
+        "the stop must be counted in stale_input_stops"
+    _ensure_instruction(h)
+    key = _drive_until_moving(h, frame)
+    assert h.action_for(key) is not None
+
 
 @requires_ros
 def test_process_sigterm_then_sigint_10ms_apart_still_stops_the_robot(stale_node):
