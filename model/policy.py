@@ -22,6 +22,7 @@ from .config import OpenVLAConfig, load_config
 from .errors import ConfigError, InputError
 from .preprocess import Preprocessor
 from .prompt import PromptTokenizer
+from .speculative import sanitize_draft
 
 log = logging.getLogger("openvla_model")
 
@@ -37,6 +38,7 @@ class ActionResult:
     unnorm_key: str
     instruction: str
     timings_ms: dict = field(default_factory=dict)  # keys: STAGES
+    accepted: int = 0  # drafts accepted (speculative decoding); 0 without a draft
 
     @property
     def valid(self) -> bool:
@@ -52,28 +54,30 @@ class ActionResult:
             "unnorm_key": self.unnorm_key,
             "instruction": self.instruction,
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
+            "accepted": int(self.accepted),
         }
 
 
 class OpenVLAPolicy:
     def __init__(self, config: OpenVLAConfig, backend, tokenizer: PromptTokenizer, codec: ActionCodec,
-                 preprocessor: Preprocessor, default_unnorm_key: str | None = None, load_time_s: float = 0.0):
+                 preprocessor: Preprocessor, default_unnorm_key: str | None = None, load_time_s: float = 0.0,
+                 speculative: bool = False):
         self.config = config
+        self.speculative = bool(speculative)  # predict(draft=...) is verified; False: drafts ignored
+        self._draft_warned = False
         self.backend = backend
         self.tokenizer = tokenizer
         self.codec = codec
         self.preprocessor = preprocessor
         self.default_unnorm_key = default_unnorm_key
         self.load_time_s = load_time_s
-        if default_unnorm_key is not None:
-            codec.resolve_key(default_unnorm_key)  # fail at load time, not on the first frame
 
     @property
     def weights_path(self) -> Path:
         return self.config.weights_dir
 
     def describe(self) -> dict:
-        return {**self.backend.describe(), "weights_path": str(self.weights_path),
+        return {**self.backend.describe(), "weights_path": str(self.weights_path), "speculative": self.speculative,
                 "load_time_s": round(self.load_time_s, 3), "unnorm_keys": self.codec.keys}
 
     def prompt_ids(self, instruction: str) -> np.ndarray:
@@ -85,21 +89,50 @@ class OpenVLAPolicy:
                 f"{self.config.action_dim} actions exceed the model's {self.config.max_positions} positions")
         return ids
 
-    def predict(self, rgb: np.ndarray, instruction: str, unnorm_key: str | None = None) -> ActionResult:
+    def _usable_draft(self, draft) -> np.ndarray | None:
+        """The draft as clean token ids for the backend, or None (no draft, drafts off, a backend
+        without draft rows, or a draft sanitize_draft rejects). Never raises."""
+        if draft is None:
+            return None
+        if not self.speculative:
+            why = "the policy was loaded with speculative=False"
+            check = None
+        elif not getattr(self.backend, "supports_draft", False):
+            why, check = f"the {getattr(self.backend, 'name', '?')} backend does not take drafts yet", None
+        else:
+            check = sanitize_draft(draft, self.config.action_dim, self.config.vocab_size)
+            why = check.note
+        if why:
+            (log.debug if self._draft_warned else log.warning)("draft: %s", why)
+            self._draft_warned = True
+        return None if check is None else check.tokens
+
+    def predict(self, rgb: np.ndarray, instruction: str, unnorm_key: str | None = None,
+                draft=None) -> ActionResult:
+        """One action. draft: the tokens this action is expected to start with (usually the
+        stream's previous action, see speculative.DraftState); verified in the prefill when the
+        policy is speculative, so the tokens are always those of plain greedy decoding and
+        result.accepted says how many drafts were right. A bad draft is ignored, never raised."""
         clock = time.perf_counter
         t0 = clock()
         key = self.codec.resolve_key(unnorm_key if unnorm_key else self.default_unnorm_key)
         ids = self.prompt_ids(instruction)
         pixels = self.preprocessor(rgb)
+        drafts = self._usable_draft(draft)
         t1 = clock()
-        tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim)
+        if drafts is None:
+            tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim)
+            accepted = 0
+        else:
+            tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim, draft=drafts)
+            accepted = int(self.backend.last_accepted)
         decoded = self.codec.decode_tokens(tokens)
         action = self.codec.unnormalize(decoded.normalized, key)
         t2 = clock()
         timings = {"preprocess": (t1 - t0) * 1e3, **timings, "total": (t2 - t0) * 1e3}
         return ActionResult(action=action, normalized=decoded.normalized, tokens=np.asarray(tokens, np.int64),
                             out_of_range=decoded.out_of_range, unnorm_key=key, instruction=instruction,
-                            timings_ms=timings)
+                            timings_ms=timings, accepted=accepted)
 
     def close(self):
         if self.backend is not None:
@@ -120,27 +153,35 @@ def default_weights_path() -> str | None:
 def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "torch", *, device: str | None = None,
                 dtype: str | None = None, mesh_device: str | None = None, center_crop: bool = False,
                 default_unnorm_key: str | None = None, fast: bool | None = None, precision: dict | None = None,
-                **backend_options) -> OpenVLAPolicy:
+                speculative: bool = False, **backend_options) -> OpenVLAPolicy:
     """Load an OpenVLA checkpoint directory (HF layout) onto a backend.
 
     weights_path defaults to $OPENVLA_WEIGHTS; mesh_device (ttnn) defaults to $MESH_DEVICE.
     device: torch "cpu" | "cuda" | "auto" (default: cuda when available). dtype: "float32" |
     "bfloat16" (default: float32 on CPU, bfloat16 on CUDA). fast (torch): the CUDA fast path
     (default: on for CUDA, see docs/performance.md; $OPENVLA_TORCH_FAST overrides). precision
-    (ttnn): per-mesh precision overrides (config/mesh/*.yaml). Other keyword arguments go to the
-    backend (ttnn: cache_dir, trace).
+    (ttnn): per-mesh precision overrides (config/mesh/*.yaml). speculative: predict(draft=...)
+    verifies the draft in the prefill (speculative action decoding, same tokens; docs/model.md);
+    False ignores drafts. Other keyword arguments go to the backend (ttnn: cache_dir, trace).
     """
     start = time.perf_counter()
     path = weights_path or default_weights_path()
     if not path:
         raise ConfigError("no weights path given and OPENVLA_WEIGHTS is not set")
+    from .oft import checkpoint_kind
+
+    if checkpoint_kind(path) == "oft":  # action head / proprio projector files beside the HF files: docs/oft.md
+        from .oft_policy import load_oft_policy
+
+        return load_oft_policy(path, backend, device=device, dtype=dtype, center_crop=center_crop,
+                               default_unnorm_key=default_unnorm_key, **backend_options)
     config = load_config(path)
     if config.raw.get("openvla_ros_tiny_random"):
         log.warning("%s is a TINY RANDOM test checkpoint: its actions are meaningless", path)
     tokenizer = PromptTokenizer(config.weights_dir)
     codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
     if default_unnorm_key:
-        codec.resolve_key(default_unnorm_key)
+        codec.resolve_key(default_unnorm_key)  # the one check per load: before the weights, not on the first frame
     checkpoint = Checkpoint(config.weights_dir)
     be = create_backend(backend, config, checkpoint, device=device, dtype=dtype,
                         mesh_device=mesh_device or os.environ.get("MESH_DEVICE"), fast=fast, precision=precision,
@@ -148,4 +189,4 @@ def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "t
     pre_device = getattr(be, "preprocess_device", "cpu")
     pre = Preprocessor(config, center_crop=center_crop, device=pre_device)
     return OpenVLAPolicy(config, be, tokenizer, codec, pre, default_unnorm_key=default_unnorm_key,
-                         load_time_s=time.perf_counter() - start)
+                         load_time_s=time.perf_counter() - start, speculative=speculative)

@@ -7,6 +7,15 @@ once for all of them. Interface (duck-typed):
                                                              timings_ms: {vision, projector, prefill, decode})
     backend.describe() -> dict   (backend, device, dtype, ... for logs and diagnostics)
     backend.close()
+
+Speculative action decoding (optional; a backend that has it sets `supports_draft = True`):
+
+    backend.generate(pixel_values, input_ids, num_tokens, draft=ids) -> same as above; the
+        draft ids ride in the prefill as rows after the prompt, speculative.accepted_length
+        (the one verifier) picks the longest prefix greedy decoding reproduces, plain decoding
+        continues after it; backend.last_accepted = how many drafts were accepted (0 without).
+        The tokens are the plain greedy ones either way. Backends sanitise the draft with
+        speculative.sanitize_draft (cheap, idempotent), so a bad draft never raises.
 """
 from __future__ import annotations
 

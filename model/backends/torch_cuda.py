@@ -19,6 +19,14 @@ this backend shares its modules (no second copy of the weights) and runs its own
   fused by torch.compile (default on CUDA; checked against the eager versions at start-up and
   dropped with a warning if that fails). The matrix products stay cuBLAS.
 
+- Speculative action decoding (generate(..., draft=)): the num_tokens-1 draft ids sit right
+  after the prompt in the prefill (a prefill graph per bucket with those rows), the prefill
+  graph also takes the argmax of the rows L-1..L-1+drafts and the accepted count
+  (speculative.accepted_length) on the device and sets the step counter to it; the host reads
+  that count (the one extra sync) and replays only the remaining decode-step graphs, which
+  overwrite the rejected draft rows of the KV cache (and decode masks every slot past the
+  current position anyway).
+
 On the CPU (or with graphs=False) the very same functions run eagerly: that is how the tests
 check this path against the reference on the tiny checkpoint.
 
@@ -38,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BackendError, InputError
+from ..speculative import accepted_length, sanitize_draft
 from .torch_backend import TorchBackend
 
 log = logging.getLogger("openvla_model")
@@ -253,6 +262,7 @@ def _capture(fn, pool, before_each=None, warmup: int = 2) -> torch.cuda.CUDAGrap
 
 class FastTorchBackend:
     name = "torch"
+    supports_draft = True  # generate(..., draft=) verifies drafts in the prefill
 
     def __init__(self, config, checkpoint=None, device=None, dtype=None, *, reference: TorchBackend | None = None,
                  graphs: bool | None = None, compile_ops: bool | None = None, prompt_bucket: int = PROMPT_BUCKET):
@@ -300,6 +310,7 @@ class FastTorchBackend:
         self._graphs: dict = {}
         self.graph_failures: dict[str, str] = {}
         self.last_decode_steps_ms: list[float] = []
+        self.last_accepted = 0  # drafts accepted by the last generate()
         self._cap = 0
         self._slots = 0
         with torch.inference_mode():
@@ -329,13 +340,17 @@ class FastTorchBackend:
         self._tokens = torch.zeros(slots, dtype=torch.long, device=dev)
         self._logits = torch.zeros(slots, self.vocab, dtype=dt, device=dev)
         self._step = torch.zeros(1, dtype=torch.long, device=dev)
-        # [sequence length L, index of the last real position L-1, padded prompt ids...]
+        self._accepted = torch.zeros(1, dtype=torch.long, device=dev)
+        # [sequence length L, index of the last real position L-1, drafts to compare (-1: none)
+        # x slots, prompt ids (+ draft ids) padded...]: one host->device copy per action
         pin = dev.type == "cuda"
-        self._ints_host = torch.zeros(cap + 2, dtype=torch.long, pin_memory=pin)
+        self._ints_host = torch.zeros(cap + 2 + slots, dtype=torch.long, pin_memory=pin)
         self._ints_host_np = self._ints_host.numpy()
-        self._ints = torch.zeros(cap + 2, dtype=torch.long, device=dev)
-        self._seq_len, self._last_idx, self._ids = self._ints[0:1], self._ints[1:2], self._ints[2:]
+        self._ints = torch.zeros(cap + 2 + slots, dtype=torch.long, device=dev)
+        self._seq_len, self._last_idx = self._ints[0:1], self._ints[1:2]
+        self._draft, self._ids = self._ints[2:2 + slots], self._ints[2 + slots:]
         self._tokens_host = torch.zeros(slots, dtype=torch.long, pin_memory=pin)
+        self._accepted_host = torch.zeros(1, dtype=torch.long, pin_memory=pin)
         size = self.config.image_size
         self._pixels = torch.zeros(1, 6, size, size, device=dev, dtype=torch.float32)
         vision_dim = self.modules.vision_dim
@@ -344,6 +359,7 @@ class FastTorchBackend:
         if dev.type == "cuda":
             self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4 + slots)]
             self._done = torch.cuda.Event()
+            self._accepted_ready = torch.cuda.Event()
 
     # -- the model pieces (the functions that get captured) ------------------------------------
     def _vision(self):
@@ -396,17 +412,29 @@ class FastTorchBackend:
             x, h = ops.add_rms_norm(x, m, nxt, eps)
         return h
 
-    def _prefill(self, prompt_pad: int):
-        """[BOS, 256 projected patches, prompt[1:], pad...] -> KV cache, token 0, logits 0."""
+    def _prefill(self, prompt_pad: int, rows: int = 0):
+        """[BOS, 256 projected patches, prompt[1:], d1..d_rows, pad...] -> KV cache, tokens,
+        logits, step. Without drafts (rows 0): token 0 and logits 0, step 0. With draft rows
+        (d_j at position L+j-1, right after the prompt): the greedy token after each of the rows
+        L-1..L-1+rows, the accepted count k (speculative.accepted_length against the drafts to
+        compare, on the device), tokens 0..k valid and step = k (the decode steps go on from
+        there and overwrite the rest, KV rows included)."""
         S = self.num_patches + prompt_pad
         emb = F.embedding(self._ids[:prompt_pad], self.w.embed)
         seq = torch.cat([emb[:1], self._projected[0], emb[1:]], dim=0).unsqueeze(0)
         cos, sin = self._cos[:S].view(1, S, 1, -1), self._sin[:S].view(1, S, 1, -1)
         h = self._llm_layers(seq, cos, sin)
-        logits = F.linear(h[0].index_select(0, self._last_idx), self.w.lm_head)  # (1, V)
-        self._logits[:1].copy_(logits)
-        self._tokens[:1].copy_(logits.argmax(-1))
-        self._step.zero_()
+        idx = self._last_idx + self._arange[:rows + 1] if rows else self._last_idx  # rows L-1 .. L-1+rows
+        logits = F.linear(h[0].index_select(0, idx), self.w.lm_head)  # (rows+1, V)
+        predicted = logits.argmax(-1)
+        self._logits[:rows + 1].copy_(logits)
+        self._tokens[:rows + 1].copy_(predicted)
+        if rows:
+            accepted = accepted_length(self._draft[:rows], predicted).view(1)
+            self._step.copy_(accepted)
+            self._accepted.copy_(accepted)
+        else:
+            self._step.zero_()
 
     def _decode_step(self, kv_len: int):
         """One token: reads tokens[step] at position L+step, writes tokens[step+1]; step += 1."""
@@ -460,21 +488,35 @@ class FastTorchBackend:
         kv_len = _round_up(self.num_patches + prompt_pad + max(num_tokens - 1, 1), 16)
         return prompt_pad, kv_len
 
-    def launch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int) -> None:
-        """Queue the whole action on the device (no host sync); collect() waits for it."""
+    def launch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, draft=None) -> None:
+        """Queue the whole action on the device; collect() waits for it. No host sync, except
+        with a draft: one, to read the accepted count (it sets how many decode steps remain).
+
+        A draft (see speculative.sanitize_draft) occupies num_tokens-1 rows right after the
+        prompt (missing ones: pad ids, compared as -1, never accepted), in a prefill graph of its
+        own per prompt bucket; the decode-step graphs are the plain path's."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         if ids.size < 1:
             raise InputError("empty prompt")
         if num_tokens < 1:
             raise InputError(f"num_tokens must be >= 1, got {num_tokens}")
+        drafts = sanitize_draft(draft, num_tokens, self.vocab).tokens
+        rows = num_tokens - 1 if drafts is not None else 0
         prompt_pad, kv_len = self._shapes(ids.size, num_tokens)
-        if kv_len > self._cap or num_tokens > self._slots:
-            self._allocate(kv_len, num_tokens)
+        prefill_pad = _round_up(ids.size + rows, self.prompt_bucket)  # == prompt_pad without a draft
+        needed = max(kv_len, self.num_patches + prefill_pad)
+        if needed > self._cap or num_tokens > self._slots:
+            self._allocate(needed, num_tokens)
         L = self.num_patches + ids.size
-        host = self._ints_host_np
+        host, slots = self._ints_host_np, self._slots
         host[0], host[1] = L, L - 1
-        host[2:2 + ids.size] = ids
-        host[2 + ids.size:2 + prompt_pad] = self.pad_id
+        host[2:2 + slots] = -1  # drafts to compare: -1 matches no argmax
+        p = host[2 + slots:]
+        p[:ids.size] = ids
+        p[ids.size:prefill_pad] = self.pad_id
+        if drafts is not None:
+            host[2:2 + drafts.size] = drafts
+            p[ids.size:ids.size + drafts.size] = drafts
         cuda = self.device.type == "cuda"
         marks = []
 
@@ -487,26 +529,36 @@ class FastTorchBackend:
                 marks.append(time.perf_counter())
 
         mark()
-        self._ints[:2 + prompt_pad].copy_(self._ints_host[:2 + prompt_pad], non_blocking=True)
+        n_ints = 2 + slots + prefill_pad
+        self._ints[:n_ints].copy_(self._ints_host[:n_ints], non_blocking=True)
         self._pixels.copy_(pixel_values, non_blocking=True)
         self._run("vision", self._vision)
         mark()
         self._run("projector", self._projector)
         mark()
-        self._run(("prefill", prompt_pad), lambda: self._prefill(prompt_pad))
+        self._run(("prefill", prefill_pad, rows), lambda: self._prefill(prefill_pad, rows))
         mark()
+        accepted = 0
+        if rows:
+            if cuda:  # the one host sync of a drafted action: how many decode steps remain
+                self._accepted_host.copy_(self._accepted, non_blocking=True)
+                self._accepted_ready.record()
+                self._accepted_ready.synchronize()
+                accepted = int(self._accepted_host[0])
+            else:
+                accepted = int(self._accepted[0])
         saved_step = self._step.clone() if self.graphs else None
-        for _ in range(num_tokens - 1):
+        for _ in range(num_tokens - 1 - accepted):
             self._run(("decode", kv_len), lambda: self._decode_step(kv_len),
                       before_each=lambda: self._step.copy_(saved_step))
             mark()
         self._tokens_host[:num_tokens].copy_(self._tokens[:num_tokens], non_blocking=True)
         if cuda:
             self._done.record()
-        self._pending = (num_tokens, marks)
+        self._pending = (num_tokens, marks, accepted)
 
     def collect(self):
-        num_tokens, marks = self._pending
+        num_tokens, marks, accepted = self._pending
         self._pending = None
         if self.device.type == "cuda":
             self._done.synchronize()  # the one host sync: the tokens have landed in pinned memory
@@ -515,12 +567,13 @@ class FastTorchBackend:
             ms = [(marks[i + 1] - marks[i]) * 1e3 for i in range(len(marks) - 1)]
         tokens = self._tokens_host[:num_tokens].numpy().astype(np.int64).copy()
         self.last_decode_steps_ms = ms[3:]
+        self.last_accepted = accepted
         timings = {"vision": ms[0], "projector": ms[1], "prefill": ms[2], "decode": float(sum(ms[3:]))}
         return tokens, timings
 
     @torch.inference_mode()
-    def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int):
-        self.launch(pixel_values, input_ids, num_tokens)
+    def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int, draft=None):
+        self.launch(pixel_values, input_ids, num_tokens, draft)
         return self.collect()
 
     def last_logits(self, num_tokens: int | None = None) -> torch.Tensor:
