@@ -167,13 +167,11 @@ def hf_runner(modules, pre, convert, ids, n, codec, pad_id, device, dtype, sync)
     return _action_runner(generate, pre, convert, codec, sync)
 
 
-def time_interleaved(runners, msgs, runs: int, warmup: int, runs_of=None) -> dict:
-    """Warm every path up, then time them round-robin (run i of every path, then run i+1), so a
-    slower or busier moment of the machine hits all paths alike. -> {name: {stage: [ms]}}."""
+def time_interleaved(runners, msgs, runs: int, runs_of=None) -> dict:
+    """Time the (already warmed-up) paths round-robin (run i of every path, then run i+1), so a
+    slower or busier moment of the machine hits all paths alike. runs_of: fewer runs for some
+    paths. -> {name: {stage: [ms]}}."""
     runs_of = runs_of or {}
-    for name, once in runners:
-        for i in range(warmup):
-            once(msgs[i % len(msgs)])
     rec = {name: {} for name, _ in runners}
     for i in range(runs):
         for name, once in runners:
@@ -329,15 +327,83 @@ def _gb(x) -> float:
     return round(x / 1e9, 3)
 
 
+def choose_dtype(config, device):
+    """-> (dtype, tiny_cpu). The policy's default (float32 on a CPU) except for a large model on a
+    CPU: a 7B model in float32 would need 30 GB of host memory, so it runs in bfloat16 there."""
+    from .backends.torch_backend import resolve_dtype
+
+    llm_params = 12 * config.llm.num_hidden_layers * config.llm.hidden_size ** 2
+    tiny_cpu = device.type == "cpu" and llm_params < 1e9
+    if device.type == "cuda" or tiny_cpu:
+        return resolve_dtype(None, device), tiny_cpu
+    return resolve_dtype("bfloat16", device), tiny_cpu
+
+
+def load_paths(args, config, checkpoint, device, dtype, report: dict):
+    """The reference backend plus the path under test (the fast torch path, or args.backend).
+    -> (ref, fast or None, paths [(name, backend, preprocessor, default)], CPU preprocessor,
+    the fast path's preprocessor or None). Records load times in the report."""
+    from .backends import create_backend
+    from .backends.torch_backend import TorchBackend
+    from .backends.torch_cuda import FastTorchBackend, use_fast_path
+    from .preprocess import Preprocessor
+
+    pre_cpu = Preprocessor(config, device="cpu")
+    t = time.perf_counter()
+    ref = TorchBackend(config, checkpoint, device=str(device), dtype=dtype)
+    report["load_s"] = round(time.perf_counter() - t, 2)
+    if args.backend == "torch":
+        t = time.perf_counter()
+        fast = FastTorchBackend(config, reference=ref)
+        report["fast_setup_s"] = round(time.perf_counter() - t, 2)
+        pre_fast = Preprocessor(config, device=fast.preprocess_device)
+        default_fast = use_fast_path(device)
+        paths = [("torch-fast", fast, pre_fast, default_fast), ("torch-reference", ref, pre_cpu, not default_fast)]
+        return ref, fast, paths, pre_cpu, pre_fast
+    be = create_backend(args.backend, config, checkpoint, device=str(device), mesh_device=os.environ.get("MESH_DEVICE"))
+    pre_be = Preprocessor(config, device=getattr(be, "preprocess_device", "cpu"))
+    paths = [(args.backend, be, pre_be, True), ("torch-reference", ref, pre_cpu, False)]
+    return ref, None, paths, pre_cpu, None
+
+
+def warm_up(runners, msgs, slow_names, device) -> dict:
+    """WARMUP_RUNS actions per path (1 for the slow ones), and on CUDA each path's peak memory over
+    one more action, before the next path runs. -> {name: memory figures} (empty on a CPU)."""
+    import torch
+
+    memory = {}
+    for name, once in runners:
+        for i in range(1 if name in slow_names else WARMUP_RUNS):
+            once(msgs[i % len(msgs)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            once(msgs[0])
+            free, total = torch.cuda.mem_get_info(device)
+            memory[name] = {"peak_allocated_gb": _gb(torch.cuda.max_memory_allocated(device)),
+                            "peak_reserved_gb": _gb(torch.cuda.max_memory_reserved(device)),
+                            "device_used_gb": _gb(total - free)}
+    return memory
+
+
+def speed_summary(paths_report: dict, main_name: str) -> tuple[dict, dict]:
+    """-> (ratios of the other paths to the main one, actions/s per path), from median totals."""
+    med = {k: v["stages"]["total"]["median_ms"] for k, v in paths_report.items()}
+    model = {k: v["stages"]["backend_wall"]["median_ms"] for k, v in paths_report.items()}
+    ratios = {
+        f"hf-generate / {main_name} (total)": round(med["hf-generate"] / med[main_name], 2),
+        f"hf-generate / {main_name} (model only)": round(model["hf-generate"] / model[main_name], 2),
+        f"torch-reference / {main_name} (total)": round(med["torch-reference"] / med[main_name], 2),
+    }
+    return ratios, {k: round(1e3 / v, 2) for k, v in med.items()}
+
+
 def run(args, frames: FrameSource | None = None) -> dict:
     import torch
 
     from .action_codec import ActionCodec
-    from .backends import create_backend
-    from .backends.torch_backend import TorchBackend, resolve_device, resolve_dtype
-    from .backends.torch_cuda import FastTorchBackend, use_fast_path
+    from .backends.torch_backend import resolve_device
     from .config import load_config
-    from .preprocess import Preprocessor
     from .prompt import PromptTokenizer
     from .synthetic import synthetic_rgb
 
@@ -347,48 +413,24 @@ def run(args, frames: FrameSource | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
     wdir, checkpoint, source = prepare_model_dir(args.size, args.weights, tmp)
     config = load_config(wdir)
-    # The policy's dtype defaults (float32 on a CPU) except for a large model on a CPU: a 7B model
-    # in float32 would need 30 GB of host memory, so it runs in bfloat16 there.
-    llm_params = 12 * config.llm.num_hidden_layers * config.llm.hidden_size ** 2
-    tiny_cpu = device.type == "cpu" and llm_params < 1e9
-    dtype = resolve_dtype(None, device) if (cuda or tiny_cpu) else resolve_dtype("bfloat16", device)
+    dtype, tiny_cpu = choose_dtype(config, device)
     tokenizer = PromptTokenizer(wdir)
     codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
     n = config.action_dim
     frames = frames or FrameSource()
-    convert, convert_name = frames.convert, frames.name
+    convert = frames.convert
     msgs = [frames.make(synthetic_rgb(s, FRAME_HEIGHT, FRAME_WIDTH)) for s in AGREEMENT_SEEDS]
     ids = tokenizer.encode_prompt(INSTRUCTIONS[0])
     report = {"tool": "openvla-bench", "backend": args.backend, "size": args.size, "weights": source,
               "dtype": str(dtype).replace("torch.", ""), "runs": args.runs, "warmup_runs": WARMUP_RUNS,
               "instruction": INSTRUCTIONS[0], "prompt_tokens": int(ids.size),
               "sequence_length": int(ids.size + config.num_patches), "new_tokens": n,
-              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}", "image_conversion": convert_name,
+              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}", "image_conversion": frames.name,
               "env": _env_info(device), "paths": {}, "memory": {}}
-    pre_cpu = Preprocessor(config, device="cpu")
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    ref = TorchBackend(config, checkpoint, device=str(device), dtype=dtype)
-    report["load_s"] = round(time.perf_counter() - t, 2)
-    paths = []  # (name, backend, preprocessor, default)
-    fast = None
-    if args.backend == "torch":
-        t = time.perf_counter()
-        fast = FastTorchBackend(config, reference=ref)
-        report["fast_setup_s"] = round(time.perf_counter() - t, 2)
-        pre_fast = Preprocessor(config, device=fast.preprocess_device)
-        default_fast = use_fast_path(device)
-        paths.append(("torch-fast", fast, pre_fast, default_fast))
-        paths.append(("torch-reference", ref, pre_cpu, not default_fast))
-    else:
-        be = create_backend(args.backend, config, checkpoint, device=str(device),
-                            mesh_device=os.environ.get("MESH_DEVICE"))
-        pre_be = Preprocessor(config, device=getattr(be, "preprocess_device", "cpu"))
-        paths.append((args.backend, be, pre_be, True))
-        paths.append(("torch-reference", ref, pre_cpu, False))
-        pre_fast = None
+    ref, fast, paths, pre_cpu, pre_fast = load_paths(args, config, checkpoint, device, dtype, report)
     if cuda:
         report["memory"]["load_peak_allocated_gb"] = _gb(torch.cuda.max_memory_allocated(device))
 
@@ -403,42 +445,20 @@ def run(args, frames: FrameSource | None = None) -> dict:
     describe = {name: backend.describe() for name, backend, _, _ in paths}
     describe["hf-generate"] = {"path": "transformers LlamaForCausalLM.generate (greedy, DynamicCache)"}
     default = {name: d for name, _, _, d in paths}
-    t = time.perf_counter()
     slow_names = {name for name, _ in runners if slow_torch and (name.startswith("torch") or name == "hf-generate")}
-    memory = {}
-    for name, once in runners:  # warm-up, then each path's peak over one more action, before the next path runs
-        for i in range(1 if name in slow_names else WARMUP_RUNS):
-            once(msgs[i % len(msgs)])
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            once(msgs[0])
-            free, total = torch.cuda.mem_get_info(device)
-            memory[name] = {"peak_allocated_gb": _gb(torch.cuda.max_memory_allocated(device)),
-                            "peak_reserved_gb": _gb(torch.cuda.max_memory_reserved(device)),
-                            "device_used_gb": _gb(total - free)}
-    rec = time_interleaved(runners, msgs, args.runs, 0, {name: ref_runs for name in slow_names})
+
+    t = time.perf_counter()
+    memory = warm_up(runners, msgs, slow_names, device)
+    rec = time_interleaved(runners, msgs, args.runs, {name: ref_runs for name in slow_names})
     report["timing_wall_s"] = round(time.perf_counter() - t, 2)
     for name, _ in runners:
         report["paths"][name] = {"default": default.get(name, False), "describe": describe[name],
                                  "stages": {k: summarise(v) for k, v in rec[name].items()}, **memory.get(name, {})}
         print(f"[bench] {name}: total median {report['paths'][name]['stages']['total']['median_ms']:.2f} ms",
               file=sys.stderr, flush=True)
+    report["ratios"], report["actions_per_s"] = speed_summary(report["paths"], paths[0][0])
 
-    main_name = paths[0][0]
-    med = {k: v["stages"]["total"]["median_ms"] for k, v in report["paths"].items()}
-    model = {k: v["stages"]["backend_wall"]["median_ms"] for k, v in report["paths"].items()}
-    report["ratios"] = {
-        f"hf-generate / {main_name} (total)": round(med["hf-generate"] / med[main_name], 2),
-        f"hf-generate / {main_name} (model only)": round(model["hf-generate"] / model[main_name], 2),
-        f"torch-reference / {main_name} (total)": round(med["torch-reference"] / med[main_name], 2),
-    }
-    report["actions_per_s"] = {k: round(1e3 / v, 2) for k, v in med.items()}
-
-    if args.backend == "torch":
-        report["agreement"] = check_agreement(fast, ref, pre_cpu, pre_fast, tokenizer, config, device, dtype, sync)
-    else:
-        report["agreement"] = check_agreement(None, ref, pre_cpu, None, tokenizer, config, device, dtype, sync)
+    report["agreement"] = check_agreement(fast, ref, pre_cpu, pre_fast, tokenizer, config, device, dtype, sync)
     for _, backend, _, _ in paths:
         backend.close()
     return report

@@ -2,10 +2,13 @@
 checkpoint is written once per session."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,12 +24,11 @@ os.environ.pop("MESH_DEVICE", None)
 
 
 def ros_available() -> tuple[bool, str]:
-    try:
-        import rclpy  # noqa: F401
-
-        from openvla_ros.msg import EndEffectorAction  # noqa: F401
-    except Exception as e:  # ImportError, or the wheels' C extensions failing to load
-        return False, f"rclpy / generated openvla_ros.msg not importable ({e}); run `make setup`"
+    """Skip the ROS tests only where rclpy is not installed at all. Anything else (rclpy's C
+    extension failing to load, a broken openvla_ros.msg build) is a failure of the tests that
+    need it, never a skip: they import what they use and fail with the real error."""
+    if importlib.util.find_spec("rclpy") is None:
+        return False, "rclpy is not installed (no ROS 2 wheels in this environment); run `make setup`"
     return True, ""
 
 
@@ -60,3 +62,20 @@ def ros_env() -> dict:
 
 def venv_python() -> str:
     return sys.executable
+
+
+def spec_action(tokens, action_stats: dict) -> np.ndarray:
+    """openvla-spec.md section 5, written out independently of openvla_model.action_codec (tests
+    compare the pipeline's actions with this, never with the codec the pipeline itself calls):
+    normalized = bin centre of clip(32000 - token - 1, 0, 254), centre[k] = -1 + (2k+1)/255; where
+    mask (default all true): 0.5 * (normalized + 1) * (q99 - q01) + q01, elsewhere unchanged."""
+    t = np.asarray(tokens, dtype=np.int64)
+    normalized = -1.0 + (2 * np.clip(32000 - t - 1, 0, 254) + 1) / 255.0
+    q01, q99 = np.asarray(action_stats["q01"], np.float64), np.asarray(action_stats["q99"], np.float64)
+    mask = np.asarray(action_stats.get("mask", [True] * t.size), bool)
+    return np.where(mask, 0.5 * (normalized + 1.0) * (q99 - q01) + q01, normalized)
+
+
+def checkpoint_action_stats(weights_dir, unnorm_key: str) -> dict:
+    """norm_stats[unnorm_key]["action"] read straight from the checkpoint's config.json."""
+    return json.loads((Path(weights_dir) / "config.json").read_text())["norm_stats"][unnorm_key]["action"]

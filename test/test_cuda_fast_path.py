@@ -56,6 +56,11 @@ def _cases(tokenizer, pre, instructions=(SHORT, LONG), seeds=(0, 1, 2)):
 
 # -- CPU: the fast path's math against the reference -------------------------------------------
 
+# float32 on the CPU: measured max |fast - teacher-forced reference| logit difference 6.3e-6 to
+# 1.03e-5 at max |logit| 3.9-4.5 (summation order only). The bound is ~3x that: about 3e-5. An
+# RMSNorm off by 0.01% (x1.0001) already moves the logits by 7e-4 to 1.1e-3.
+LOGIT_REL_TOL = 7.5e-6
+
 def test_fast_path_tokens_and_logits_equal_reference_on_cpu(cpu_pair, tiny):
     ref, fast = cpu_pair
     _, tokenizer, pre = tiny
@@ -68,8 +73,9 @@ def test_fast_path_tokens_and_logits_equal_reference_on_cpu(cpu_pair, tiny):
         tf = teacher_forced_logits(ref.modules, px, ids, want, ref.device, ref.dtype)
         fl = fast.last_logits(N)
         assert fl.shape == tf.shape == (N, 32064)
-        err = (fl - tf).abs().max().item()
-        assert err < 1e-3 * tf.abs().max().item(), (seed, instr, err)
+        err, scale = (fl - tf).abs().max().item(), tf.abs().max().item()
+        assert err < LOGIT_REL_TOL * scale, (f"image {seed} {instr!r}: max |logit diff| {err:.3g} > "
+                                             f"{LOGIT_REL_TOL} x max |logit| {scale:.3g} = {LOGIT_REL_TOL * scale:.3g}")
         assert set(timings) == {"vision", "projector", "prefill", "decode"}
         assert len(fast.last_decode_steps_ms) == N - 1
 
@@ -221,6 +227,19 @@ def test_compiled_ops_check_rejects_wrong_kernels():
     bad.rope = lambda x, cos, sin: x * cos  # forgot the rotation
     with pytest.raises(RuntimeError, match="differ from eager"):
         _check_ops(bad, torch.device("cpu"), torch.float32, 64, 4, 16, 96, 1e-5, (1, 9))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue 10): _check_ops accepts any op within 1e-2 of eager "
+                   "(max-relative, every dtype); a 0.5% RMSNorm error passes. Needs a dtype-aware bound in "
+                   "model/backends/torch_cuda.py; strict: this test fails once the gate catches it")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_ops_check_rejects_a_near_miss(dtype):
+    """The gate's passing side: a compiled RMSNorm 0.5% off (x1.005) must be rejected too, not
+    only an op that computes something else entirely."""
+    near = Ops()
+    near.rms_norm = lambda x, w, eps: rms_norm(x, w, eps) * 1.005
+    with pytest.raises(RuntimeError, match="differ from eager"):
+        _check_ops(near, torch.device("cpu"), dtype, 64, 4, 16, 96, 1e-5, (1, 9))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """End to end on the tiny checkpoint: deterministic tokens, the same tokens from the Python API
 and the CLI, the KV-cached decode equal to a cache-free recomputation, float32 vs bfloat16
-agreement reported."""
+agreement (a floor, and every mismatch starting at a float32 near-tie), actions by the spec's
+formula."""
 import json
 import subprocess
 import sys
@@ -10,21 +11,25 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import checkpoint_action_stats, spec_action
 from openvla_model import STAGES, InputError, UnnormKeyError, load_policy
 from openvla_model.synthetic import synthetic_rgb
 
 INSTR = "pick up the red cup"
 
 
-def test_predict_returns_a_complete_result(tiny_policy):
+def test_predict_returns_a_complete_result(tiny_policy, tiny_weights):
     r = tiny_policy.predict(synthetic_rgb(0), INSTR, unnorm_key="bridge_orig")
     assert r.action.shape == r.normalized.shape == r.tokens.shape == (7,)
     assert r.action.dtype == np.float32 and r.tokens.dtype == np.int64
     assert r.valid and not r.out_of_range.any()
     assert set(r.timings_ms) == set(STAGES) and all(v >= 0 for v in r.timings_ms.values())
     assert r.timings_ms["total"] >= r.timings_ms["vision"] + r.timings_ms["prefill"]
-    # action = un-normalised normalized (via the codec), gripper raw (mask false)
-    np.testing.assert_allclose(r.action, tiny_policy.codec.unnormalize(r.normalized, "bridge_orig"))
+    # the tokens' actions by the spec's formula and the checkpoint's statistics (not the codec
+    # predict itself calls); the gripper stays raw (mask false)
+    stats = checkpoint_action_stats(tiny_weights, "bridge_orig")
+    np.testing.assert_allclose(r.action, spec_action(r.tokens, stats), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r.normalized, -1 + (2 * np.clip(31999 - r.tokens, 0, 254) + 1) / 255, atol=1e-7)
     assert r.action[6] == r.normalized[6]
 
 
@@ -94,7 +99,10 @@ def test_cli_json_gives_the_api_tokens(tiny_policy, tiny_weights, tmp_path):
     out = json.loads(proc.stdout)
     assert set(out) >= {"tokens", "normalized", "action", "timings_ms"}
     assert out["tokens"] == api.tokens.tolist()
-    np.testing.assert_allclose(out["action"], api.action, rtol=1e-6)
+    # the printed action is the printed tokens' action by the spec (not a copy of the API's)
+    np.testing.assert_allclose(out["action"], spec_action(out["tokens"], checkpoint_action_stats(tiny_weights,
+                                                                                                "bridge_orig")),
+                               rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -117,20 +125,45 @@ def test_cli_errors_are_one_clear_line(tiny_weights, tmp_path, args, msg):
     assert "Traceback" not in proc.stderr
 
 
-def test_float32_vs_bfloat16_agreement_is_reported(tiny_policy, tiny_weights):
+# Measured on the tiny checkpoint (CPU, torch 2.9): 25/28 tokens agree; the only mismatch starts at a
+# float32 top-1/top-2 margin of 0.037 logits (then the sequences differ). bf16 moves the logits by
+# up to 0.126 here, so a first mismatch is a legitimate bf16 flip only where the float32 margin is
+# below twice that. The floor allows one more early flip than measured on another CPU.
+BF16_AGREEMENT_FLOOR = 21  # of 28 (measured 25)
+BF16_NEAR_TIE = 0.25  # logits: 2 x the measured max |bf16 - float32| logit difference
+
+
+def test_float32_vs_bfloat16_agreement(tiny_policy, tiny_weights):
+    from openvla_model.bench import teacher_forced_logits
+
+    rows, agree, total, unexplained = [], 0, 0, []
     with load_policy(tiny_weights, device="cpu", dtype="bfloat16") as bf16:
-        agree = total = 0
         for seed in range(4):
             rgb = synthetic_rgb(seed)
             a = tiny_policy.predict(rgb, INSTR, "bridge_orig")
             b = bf16.predict(rgb, INSTR, "bridge_orig")
             assert b.tokens.shape == (7,)
-            agree += int((a.tokens == b.tokens).sum())
-            total += 7
             # the first token sees no earlier disagreement: bf16 must land in the action range too
             assert not b.out_of_range[0]
-    print(f"\nfloat32 vs bfloat16 token agreement on the tiny random model: {agree}/{total}")
+            agree += int((a.tokens == b.tokens).sum())
+            total += 7
+            top = teacher_forced_logits(tiny_policy.backend.modules, tiny_policy.preprocessor(rgb),
+                                        tiny_policy.prompt_ids(INSTR), a.tokens, torch.device("cpu"),
+                                        torch.float32).topk(2, dim=-1).values
+            margins = (top[:, 0] - top[:, 1]).tolist()
+            diff = np.nonzero(a.tokens != b.tokens)[0]
+            first = int(diff[0]) if diff.size else None
+            rows.append(f"  image {seed}: float32 {a.tokens.tolist()} bf16 {b.tokens.tolist()} float32 margins "
+                        f"{[round(m, 3) for m in margins]} first mismatch {first}")
+            if first is not None and margins[first] >= BF16_NEAR_TIE:
+                unexplained.append((seed, first, round(margins[first], 3)))
     assert bf16.backend is None  # closed by the context manager
+    report = (f"float32 vs bfloat16 token agreement on the tiny random model: {agree}/{total} (floor "
+              f"{BF16_AGREEMENT_FLOOR}, near-tie margin < {BF16_NEAR_TIE})\n" + "\n".join(rows))
+    print("\n" + report)
+    assert not unexplained, (f"bf16 first mismatch at a clear float32 margin (image, step, margin): "
+                             f"{unexplained}\n" + report)
+    assert agree >= BF16_AGREEMENT_FLOOR, report
 
 
 def test_bad_inputs_raise_clear_errors(tiny_policy):

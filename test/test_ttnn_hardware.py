@@ -9,7 +9,8 @@ Skipped here (no card). On a machine with one (docs/ttnn.md has the exact comman
 Checks, against the torch backend on the host CPU (float32 unless OPENVLA_HW_REF_DTYPE=bfloat16):
 per-component PCC with thresholds (DINOv2, SigLIP, fused vision, projector, decoder layer 0, full
 LLM logits), greedy token agreement over several images and instructions, and a benchmark that
-prints per-stage times and actions per second (goal: >= 10 actions/s on N300, more on T3K).
+prints per-stage times and actions per second (goal: >= 10 actions/s on N300, more on T3K);
+with OPENVLA_HW_ASSERT_SPEED=1 the benchmark FAILS below that goal.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from ttnn_golden.reference import stage_pccs, torch_stage_outputs  # noqa: E402
 WEIGHTS = os.environ.get("OPENVLA_HW_WEIGHTS")
 MESH = os.environ.get("OPENVLA_HW_MESH", "auto")
 REF_DTYPE = os.environ.get("OPENVLA_HW_REF_DTYPE", "float32")
+# OPENVLA_HW_ASSERT_SPEED=1: the benchmark fails below the actions/s goal (otherwise it reports it).
+ASSERT_SPEED = os.environ.get("OPENVLA_HW_ASSERT_SPEED", "0") == "1"
 
 if not Path("/dev/tenstorrent").exists():
     pytestmark = pytest.mark.skip(reason="no Tenstorrent card (/dev/tenstorrent absent)")
@@ -105,7 +108,9 @@ def test_hw_benchmark(policies):
     print(f"\n[{desc['device']}] trace_decode={desc['trace_decode']} median ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" | {rate:.2f} actions/s")
     mesh = desc["device"].split()[0]
-    goal = ACTIONS_PER_S_GOAL.get(mesh)
-    if goal and rate < goal:
-        print(f"  below the {goal} actions/s goal for {mesh}")
-    assert rate > 0 and np.isfinite(med["total"])
+    assert np.isfinite(med["total"]) and med["total"] > 0, med
+    goal = ACTIONS_PER_S_GOAL[mesh]
+    verdict = f"{rate:.2f} actions/s on {mesh}, goal {goal} (median total {med['total']:.1f} ms)"
+    print("  " + verdict)
+    if ASSERT_SPEED:
+        assert rate >= goal, "below the goal: " + verdict

@@ -1,7 +1,7 @@
 """TT-NN backend on MOCK Wormhole meshes (no card): ttnn itself validates every op.
 
 A mock cluster (test/ttnn_mock/*_cluster_desc.yaml: one N300 = 1x2, one T3K = 1x8) and our
-stand-in SFPI compiler (test/ttnn_mock/riscv-tt-elf-g++, needs Debian's
+stand-in SFPI compiler (test/ttnn_mock/riscv-tt-elf-g++, with ziglang from the venv or Debian's
 binutils-riscv64-unknown-elf) let ttnn open the mesh and run the real model code. Mock chips
 compute nothing (they read back zeros), but shapes, tile layouts, shard specs, memory configs,
 L1 budgets and the collectives are checked by ttnn exactly as on a card. The model runs at the
@@ -83,6 +83,8 @@ def test_mock_bad_input_errors_close_the_mesh_and_weight_cache_round_trips(tmp_p
     assert r["reopen"] == "N300"
     cache = r["cache"]
     assert cache["misses"] == 3 and cache["hits"] == 3 and cache["made"] == 3, cache
+    # an explicit cache_dir is a root: keyed below by the checkpoint fingerprint and the profile
+    assert len(cache["dir"]) == 2 and cache["dir"][1].startswith("N300-"), cache
     assert cache["files"] == ["test.linear_dtype_BFLOAT16_layout_TILE.tensorbin",
                               "test.replicated_dtype_BFLOAT16_layout_TILE.tensorbin",
                               "test.sharded_dtype_BFLOAT8_B_layout_TILE.tensorbin"], cache

@@ -92,7 +92,8 @@ def main() -> int:
                               device=mesh.device, mesh_mapper=ttnn.ReplicateTensorToMesh(mesh.device))
         y = lin.decode(row, ttnn.bfloat16)
     out["cache"] = {"hits": store.hits, "misses": store.misses, "made": len(made),
-                    "files": sorted(p.name for p in (work / "weight_cache").iterdir()),
+                    "dir": list(store.cache_dir.relative_to(work / "weight_cache").parts),
+                    "files": sorted(p.name for p in store.cache_dir.iterdir()),
                     "shapes": [list(rep.shape), list(shard.shape), list(y.shape)],
                     "linear_layout": str(lin.weight.memory_config().memory_layout)}
     mesh.close()

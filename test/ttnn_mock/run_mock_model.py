@@ -46,6 +46,7 @@ class ZeroCheckpoint:
 
     dir = None
     key_file: dict = {}
+    fingerprint = "zeros"  # names the content, so the weight cache can key it
 
     def __init__(self):
         self.shapes = {}

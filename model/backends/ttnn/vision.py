@@ -2,9 +2,10 @@
 
 Faithful to timm / OpenVLA (openvla-spec.md section 1): patch embedding (conv as one matmul over
 host-side im2col), absolute position embedding added to the 256 patches (both towers — the
-seed forgot SigLIP's), DINOv2's CLS + 4 register tokens, LayerNorm eps from the profile of the
-tower (1e-6), exact GELU, LayerScale (DINOv2), output = the second-to-last block before the
-final norm, prefix tokens dropped; the last block is not computed.
+seed forgot SigLIP's), DINOv2's CLS + 4 register tokens, LayerNorm eps read from the tower's
+timm model (1e-6 for both; the seed left SigLIP at ttnn's default), exact GELU, LayerScale
+(DINOv2), output = the second-to-last block before the final norm, prefix tokens dropped; the
+last block is not computed.
 
 Device layout: attention is permutation-equivariant (no positional bias inside the blocks), so
 DINOv2's 5 prefix tokens go AFTER the 256 patches, padded with zero rows to 288 = 9 tiles; an
@@ -19,8 +20,15 @@ import torch
 
 from .weights import TILE, as_row, pad_dim, pad_heads, patch_weight, patchify, round_up
 
-LN_EPS = 1e-6  # timm ViTs (both towers): LayerNorm(eps=1e-6)
 MASK_NEG = -1e9
+
+
+def _layer_norm_eps(vit) -> float:
+    """The eps of the tower's block LayerNorms, as timm built them (one value for every block)."""
+    eps = {float(getattr(blk, n).eps) for blk in vit.blocks for n in ("norm1", "norm2")}
+    if len(eps) != 1:
+        raise ValueError(f"vision tower: block LayerNorms disagree on eps ({sorted(eps)})")
+    return eps.pop()
 
 
 class VisionTower:
@@ -46,7 +54,7 @@ class VisionTower:
         # get_intermediate_layers(n={depth-2}): blocks 0..depth-2 run, the last one never.
         self.num_blocks_run = len(vit.blocks) - 1
         self.seq = self.num_patches + (round_up(self.num_prefix, TILE) if self.num_prefix else 0)
-        self.eps = LN_EPS
+        self.eps = _layer_norm_eps(vit)
         del vit
 
         dt = profile.dtype(tt, "vision")

@@ -2,9 +2,10 @@
 per-chip QKV fusion, vocab padding) and the on-disk cache of converted tensors.
 
 Checkpoint keys come from modeling.module_to_checkpoint_key (the one key mapping). A converted
-tensor is cached with ttnn.as_tensor(cache_file_name=...) under a directory keyed by the weights'
-fingerprint, the mesh and the precision profile, so the second start loads tiles straight from
-disk and never reads or transforms the safetensors again.
+tensor is cached with ttnn.as_tensor(cache_file_name=...) under
+`<cache root>/<weights fingerprint>/<MESH>-<profile hash>/`, whichever the root (the default one
+or an explicit cache_dir), so the second start loads tiles straight from disk and never reads or
+transforms the safetensors again, and a changed checkpoint or precision converts again.
 """
 from __future__ import annotations
 
@@ -39,7 +40,12 @@ def default_cache_root() -> Path:
 
 
 def checkpoint_fingerprint(checkpoint) -> str | None:
-    """Hash of the weight files' names, sizes and mtimes (None: not a file checkpoint)."""
+    """Hash of the weight files' names, sizes and mtimes; a checkpoint that is not a set of files
+    may name its own content with a `fingerprint` attribute. None: the content cannot be named,
+    so nothing is cached."""
+    own = getattr(checkpoint, "fingerprint", None)
+    if own is not None:
+        return hashlib.sha256(str(own).encode()).hexdigest()[:16]
     d = getattr(checkpoint, "dir", None)
     files = sorted(set(getattr(checkpoint, "key_file", {}).values()))
     if d is None or not files:
@@ -51,19 +57,28 @@ def checkpoint_fingerprint(checkpoint) -> str | None:
     return h.hexdigest()[:16]
 
 
+def profile_key(profile) -> str:
+    """`<MESH>-<hash of the weight dtypes and the conversion format>`: what the cached tiles depend on."""
+    prof = hashlib.sha256(json.dumps([profile.dtypes, WEIGHT_FORMAT_VERSION], sort_keys=True).encode())
+    return f"{profile.mesh_name}-{prof.hexdigest()[:8]}"
+
+
 class WeightStore:
     """Reads checkpoint tensors (float32, on the host) and puts converted tensors on the mesh."""
 
     def __init__(self, tt, mesh, checkpoint, profile, cache_dir: str | Path | None = "auto"):
+        """cache_dir: "auto" (the default root, $OPENVLA_TTNN_CACHE or ~/.cache/openvla_ros/ttnn),
+        a directory to use as the root instead, or None (no cache). Either root is keyed below by
+        the checkpoint fingerprint and the precision profile."""
         self.tt, self.mesh, self.checkpoint, self.profile = tt, mesh, checkpoint, profile
         self.cache_dir = None
         if cache_dir:
             fp = checkpoint_fingerprint(checkpoint)
-            if cache_dir != "auto":
-                self.cache_dir = Path(cache_dir)
-            elif fp is not None:
-                prof = hashlib.sha256(json.dumps([profile.dtypes, WEIGHT_FORMAT_VERSION], sort_keys=True).encode())
-                self.cache_dir = default_cache_root() / fp / f"{profile.mesh_name}-{prof.hexdigest()[:8]}"
+            root = default_cache_root() if cache_dir == "auto" else Path(cache_dir)
+            if fp is not None:
+                self.cache_dir = root / fp / profile_key(profile)
+            elif cache_dir != "auto":
+                log.warning("weight cache %s not used: the checkpoint has no fingerprint to key it by", root)
         self.hits = self.misses = 0
 
     # ---- reading -------------------------------------------------------------------------
