@@ -145,32 +145,50 @@ def compiled_ops_checked(device: torch.device, dtype: torch.dtype, hidden: int, 
 
 
 def _check_ops(ops: Ops, device, dtype, hidden, heads, head_dim, intermediate, eps, seq_lens) -> Ops:
-    """Run every op on random data at decode and prefill shapes; raise if it differs from eager."""
+    """Run every op on random data at decode and prefill shapes; raise if it is less accurate than
+    the eager op. Both are compared with the exact result (the eager op in float32 on the same
+    inputs): the compiled op's mean error may be at most twice the eager op's own rounding error
+    (plus a float32 floor), so a systematic error far below one bf16 step per element (a 0.5%
+    scale, say) is rejected, while a different but equally exact rounding passes. The max error
+    must also stay within 1e-2 of the largest value (catches NaN and a few wild elements)."""
     ref = Ops(compiled=False)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
-    worst = 0.0
+    def f32(*ts):
+        return [t.float() for t in ts]
+
+    worst_max, worst_ratio = 0.0, 0.0
     for s in seq_lens:
         x, u, w = rnd(1, s, hidden), rnd(1, s, hidden), rnd(hidden) * 0.1 + 1
         qk = rnd(1, s, 3 * heads, head_dim)[:, :, : 2 * heads]
         cos, sin = rnd(1, s, 1, head_dim), rnd(1, s, 1, head_dim)
         gu = rnd(1, s, 2 * intermediate)
-        got_add, want_add = ops.add_rms_norm(x, u, w, eps), ref.add_rms_norm(x, u, w, eps)
-        pairs = [(ops.rms_norm(x, w, eps), ref.rms_norm(x, w, eps)),
-                 (got_add[0], want_add[0]), (got_add[1], want_add[1]),
-                 (ops.rope(qk, cos, sin), ref.rope(qk, cos, sin)),
-                 (ops.silu_mul(gu), ref.silu_mul(gu))]
-        for got, want in pairs:
-            if got.shape != want.shape:
-                raise RuntimeError(f"compiled op returned shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-            err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
-            worst = max(worst, err)
-    if not worst <= 1e-2:  # also catches NaN
-        raise RuntimeError(f"compiled ops differ from eager by {worst:.3g} (relative)")
-    ops.check_note = f"max relative difference to eager {worst:.2g}"
+        got_add, eager_add, exact_add = (o.add_rms_norm(*args, eps) for o, args in
+                                         ((ops, (x, u, w)), (ref, (x, u, w)), (ref, f32(x, u, w))))
+        triples = [
+            ("rms_norm", ops.rms_norm(x, w, eps), ref.rms_norm(x, w, eps), ref.rms_norm(*f32(x, w), eps)),
+            ("add_rms_norm.sum", got_add[0], eager_add[0], exact_add[0]),
+            ("add_rms_norm.norm", got_add[1], eager_add[1], exact_add[1]),
+            ("rope", ops.rope(qk, cos, sin), ref.rope(qk, cos, sin), ref.rope(*f32(qk, cos, sin))),
+            ("silu_mul", ops.silu_mul(gu), ref.silu_mul(gu), ref.silu_mul(gu.float())),
+        ]
+        for name, got, eager, exact in triples:
+            if got.shape != exact.shape:
+                raise RuntimeError(f"compiled {name} returned shape {tuple(got.shape)}, expected {tuple(exact.shape)}")
+            scale = exact.abs().mean().clamp_min(1e-12)
+            err_got = ((got.float() - exact).abs().mean() / scale).item()
+            err_eager = ((eager.float() - exact).abs().mean() / scale).item()
+            max_rel = ((got.float() - exact).abs().max() / exact.abs().max().clamp_min(1e-6)).item()
+            ratio = err_got / (2.0 * err_eager + 1e-6)
+            if not (max_rel <= 1e-2 and ratio <= 1.0):  # `not`: NaN fails too
+                raise RuntimeError(f"compiled {name}: results differ from eager: mean error {err_got:.3g} vs eager's "
+                                   f"{err_eager:.3g} (relative to the exact float32 result), max {max_rel:.3g}")
+            worst_max, worst_ratio = max(worst_max, max_rel), max(worst_ratio, ratio)
+    ops.check_note = (f"max relative difference to exact {worst_max:.2g}, mean error <= "
+                      f"{worst_ratio:.2f} x the allowed 2 x eager")
     return ops
 
 
