@@ -121,6 +121,47 @@ def backend_runner(backend, pre, convert, ids, n, codec, sync):
     return _action_runner(generate, pre, convert, codec, sync)
 
 
+def draft_runner(backend, pre, convert, ids, n, codec, sync, k: int, want_of: dict):
+    """One action with a speculative draft built so that exactly k drafts are accepted (the true
+    greedy tokens of that frame, corrupted at position k+1). Checks greedy-exactness every run:
+    the tokens must equal the plain path's and the backend must report k accepted."""
+    from .speculative import draft_accepting
+
+    state = {}
+
+    def generate(px):
+        want = state["want"]
+        tokens, tm = backend.generate(px, ids, n, draft=draft_accepting(want, k))
+        if not np.array_equal(np.asarray(tokens), want) or backend.last_accepted != k:
+            raise RuntimeError(f"speculative path with {k} accepted drafts gave tokens {list(tokens)} "
+                               f"(accepted {backend.last_accepted}), plain path {list(want)}")
+        steps = getattr(backend, "last_decode_steps_ms", None) or []
+        return tokens, {**tm, **{f"decode_step_{j + 1}": ms for j, ms in enumerate(steps)}}
+
+    once = _action_runner(generate, pre, convert, codec, sync)
+
+    def run(msg) -> dict:
+        state["want"] = want_of[id(msg)]
+        return once(msg)
+
+    return run
+
+
+def parse_draft(value: str) -> list[int]:
+    """--draft: none | all | k | a comma list of k (0..6). -> the accepted counts to time."""
+    ks = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        if part == "none":
+            continue
+        k = 6 if part == "all" else int(part) if part.isdigit() else -1
+        if not 0 <= k <= 6:
+            raise ValueError(f"--draft {value!r}: use none, all, or accepted counts 0..6 (e.g. 0,3,6)")
+        if k not in ks:
+            ks.append(k)
+    return ks
+
+
 def _embed_sequence(modules, px, ids, device, dtype):
     """[emb(BOS), projected patches, emb(prompt[1:])] exactly as the reference builds it."""
     from .modeling import multimodal_embeddings
@@ -360,7 +401,8 @@ def load_paths(args, config, checkpoint, device, dtype, report: dict):
         default_fast = use_fast_path(device)
         paths = [("torch-fast", fast, pre_fast, default_fast), ("torch-reference", ref, pre_cpu, not default_fast)]
         return ref, fast, paths, pre_cpu, pre_fast
-    be = create_backend(args.backend, config, checkpoint, device=str(device), mesh_device=os.environ.get("MESH_DEVICE"))
+    mesh = getattr(args, "mesh_device", None) or os.environ.get("MESH_DEVICE")
+    be = create_backend(args.backend, config, checkpoint, device=str(device), mesh_device=mesh)
     pre_be = Preprocessor(config, device=getattr(be, "preprocess_device", "cpu"))
     paths = [(args.backend, be, pre_be, True), ("torch-reference", ref, pre_cpu, False)]
     return ref, None, paths, pre_cpu, None
@@ -442,7 +484,18 @@ def run(args, frames: FrameSource | None = None) -> dict:
     runners = [(name, backend_runner(backend, pre, convert, ids, n, codec, sync)) for name, backend, pre, _ in paths]
     runners.append(("hf-generate", hf_runner(ref.modules, pre_cpu, convert, ids, n, codec, config.pad_token_id,
                                              device, dtype, sync)))
+    main_name, main_backend, main_pre, _ = paths[0]
+    drafts = args.draft_ks if getattr(main_backend, "supports_draft", False) else []
+    if args.draft_ks and not drafts:
+        print(f"[bench] {main_name} does not verify drafts: --draft ignored", file=sys.stderr)
+    if drafts:
+        want_of = {id(m): np.asarray(main_backend.generate(main_pre(convert(m)), ids, n)[0]) for m in msgs}
+        runners += [(f"{main_name}+draft{k}", draft_runner(main_backend, main_pre, convert, ids, n, codec, sync, k,
+                                                            want_of)) for k in drafts]
+    report["drafts"] = drafts
     describe = {name: backend.describe() for name, backend, _, _ in paths}
+    describe.update({f"{main_name}+draft{k}": {"path": f"{main_name} with a draft of which {k} are accepted"}
+                     for k in drafts})
     describe["hf-generate"] = {"path": "transformers LlamaForCausalLM.generate (greedy, DynamicCache)"}
     default = {name: d for name, _, _, d in paths}
     slow_names = {name for name, _ in runners if slow_torch and (name.startswith("torch") or name == "hf-generate")}
@@ -457,6 +510,10 @@ def run(args, frames: FrameSource | None = None) -> dict:
         print(f"[bench] {name}: total median {report['paths'][name]['stages']['total']['median_ms']:.2f} ms",
               file=sys.stderr, flush=True)
     report["ratios"], report["actions_per_s"] = speed_summary(report["paths"], paths[0][0])
+    med = {k: v["stages"]["total"]["median_ms"] for k, v in report["paths"].items()}
+    for k in drafts:
+        report["ratios"][f"{main_name}+draft{k} / {main_name} (total)"] = round(med[f"{main_name}+draft{k}"]
+                                                                              / med[main_name], 3)
 
     report["agreement"] = check_agreement(fast, ref, pre_cpu, pre_fast, tokenizer, config, device, dtype, sync)
     for _, backend, _, _ in paths:
@@ -516,11 +573,31 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
     p.add_argument("--weights", default=None, metavar="DIR", help="a real checkpoint directory (HF layout)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="N", help="timed runs per path")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON here")
+    p.add_argument("--draft", default="0,3,6", metavar="none|all|K[,K]",
+                   help="speculative paths to time beside the plain one: drafts built so that K of 6 are "
+                        "accepted (all = 6; default 0,3,6; none = plain path only)")
+    p.add_argument("--mesh-device", default=os.environ.get("MESH_DEVICE"), metavar="N300|T3K",
+                   help="TT-NN mesh (--backend ttnn; default $MESH_DEVICE)")
+    p.add_argument("--report", default=None, choices=["ops"],
+                   help="ops: count the TT-NN op graph on a mock mesh (device ops, collectives, bytes, "
+                        "modelled time per stage; no card needed) instead of timing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(levelname)s: %(message)s")
     if args.runs < 1:
         print("error: --runs must be >= 1", file=sys.stderr)
         return 2
+    try:
+        args.draft_ks = parse_draft(args.draft)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.report == "ops":
+        if args.backend != "ttnn" or not args.mesh_device:
+            print("error: --report ops needs --backend ttnn and --mesh-device N300|T3K", file=sys.stderr)
+            return 2
+        from .backends.ttnn.op_report import main as op_report_main
+
+        return op_report_main(["--mesh-device", args.mesh_device] + (["--json", args.json] if args.json else []))
     try:
         import transformers
 

@@ -255,13 +255,20 @@ def test_bench_tiny_cpu_writes_a_complete_report(tiny_weights, tmp_path, capsys)
     from openvla_ros.bench import main  # the openvla-bench entry point: includes the node's image conversion
 
     out = tmp_path / "bench.json"
-    assert main(["--weights", str(tiny_weights), "--device", "cpu", "--runs", "2", "--json", str(out)]) == 0
+    assert main(["--weights", str(tiny_weights), "--device", "cpu", "--runs", "2", "--draft", "0,6",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     stages = report["paths"]["torch-fast"]["stages"]
     for s in ("image_conversion", "preprocess", "vision", "projector", "prefill", "decode_step_1", "decode_step_6",
               "detokenize", "total"):
         assert stages[s]["n"] == 2 and stages[s]["median_ms"] >= 0, s
-    assert set(report["paths"]) == {"torch-fast", "torch-reference", "hf-generate"}
+    # the draft paths check greedy-exactness (tokens and accepted count) on every run they time
+    assert set(report["paths"]) == {"torch-fast", "torch-reference", "hf-generate", "torch-fast+draft0",
+                                    "torch-fast+draft6"}
+    assert report["drafts"] == [0, 6]
+    assert "decode_step_1" in report["paths"]["torch-fast+draft0"]["stages"]
+    assert "decode_step_1" not in report["paths"]["torch-fast+draft6"]["stages"]  # all 7 tokens from one pass
+    assert report["ratios"]["torch-fast+draft6 / torch-fast (total)"] > 0
     assert report["paths"]["torch-reference"]["default"] and not report["paths"]["torch-fast"]["default"]
     assert all(v > 0 for v in report["ratios"].values())
     a = report["agreement"]
@@ -269,6 +276,22 @@ def test_bench_tiny_cpu_writes_a_complete_report(tiny_weights, tmp_path, capsys)
     assert report["image_conversion"].startswith("openvla_ros.image_conversion.image_msg_to_rgb")
     printed = capsys.readouterr().out
     assert "ratio hf-generate / torch-fast" in printed and "token agreement" in printed
+    assert "ratio torch-fast+draft6 / torch-fast (total)" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draft", "7"], "--draft"),
+    (["--draft", "some"], "--draft"),
+    (["--report", "ops"], "--report ops needs --backend ttnn"),
+    (["--report", "ops", "--backend", "ttnn"], "--report ops needs --backend ttnn and --mesh-device"),
+])
+def test_bench_refuses_bad_options_in_one_line(argv, message, capsys, monkeypatch):
+    from openvla_model.bench import main
+
+    monkeypatch.delenv("MESH_DEVICE", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 # -- CUDA ---------------------------------------------------------------------------------------
