@@ -53,11 +53,12 @@ def _make_node(context, *args, **kwargs):
     mesh = arg("mesh_device")
     resolved_mesh = os.environ.get("MESH_DEVICE", "auto") if mesh == "auto" else mesh
     parameters = [arg("params_file")]
+    overrides = {"start_enabled": _truthy(arg("start_enabled")), "use_sim_time": _truthy(arg("use_sim_time"))}
     if resolved_mesh in MESH_PROFILES:
+        # the per-mesh file sets mesh_device itself (so /diagnostics shows the file was loaded)
         parameters.append(os.path.join(CONFIG_DIR, "mesh", f"{resolved_mesh}.yaml"))
-    overrides = {"mesh_device": resolved_mesh if resolved_mesh in MESH_PROFILES else mesh,
-                 "start_enabled": _truthy(arg("start_enabled")),
-                 "use_sim_time": _truthy(arg("use_sim_time"))}
+    else:
+        overrides["mesh_device"] = mesh
     for name in ("weights_path", "backend", "device", "unnorm_key", "image_transport"):
         if arg(name):
             overrides[name] = arg(name)

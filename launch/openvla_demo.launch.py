@@ -29,7 +29,8 @@ def _make_nodes(context, *args, **kwargs):
         name="synthetic_camera", namespace=arg("namespace"),
         parameters=[{"rate_hz": float(arg("rate_hz")), "instruction": arg("instruction"),
                      "width": 640, "height": 480}],
-        output="screen")
+        output="screen",
+        sigterm_timeout="10")  # SIGINT -> exit takes well under 1 s; margin for a loaded machine
     node = Node(
         **node_command("openvla_ros.node", "openvla_node"),
         name="openvla_node", namespace=arg("namespace"),
@@ -37,7 +38,8 @@ def _make_nodes(context, *args, **kwargs):
                     {"backend": arg("backend"), "device": arg("device"), "weights_path": arg("weights_path"),
                      "unnorm_key": arg("unnorm_key"), "start_enabled": True, "publish_twist": True,
                      "publish_gripper": True}],
-        output="screen", emulate_tty=True, sigterm_timeout="15")
+        output="screen", emulate_tty=True,
+        sigterm_timeout="15")  # let the node publish its zero-motion action and close the device
     return [camera, node]
 
 

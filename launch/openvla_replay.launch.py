@@ -56,7 +56,9 @@ def _make(context, *args, **kwargs):
                        ("bag_instruction_topic", "--instruction-topic"), ("instruction", "--instruction")):
         if arg(name):
             cmd += [flag, arg(name)]
-    replay = ExecuteProcess(cmd=cmd, name="openvla_replay", output="screen")
+    # On Ctrl-C the replay stops after the current frame and writes a partial report (plots
+    # included): give it time before launch escalates to SIGTERM.
+    replay = ExecuteProcess(cmd=cmd, name="openvla_replay", output="screen", sigterm_timeout="30")
     done = RegisterEventHandler(OnProcessExit(target_action=replay, on_exit=[EmitEvent(event=Shutdown(
         reason="replay finished"))]))
     return [node, replay, done]

@@ -15,7 +15,9 @@ COLCON = shutil.which("colcon") or str(Path(sys.executable).with_name("colcon"))
 pytestmark = pytest.mark.skipif(not Path(COLCON).exists(), reason="colcon not installed (run `make setup`)")
 
 
-def test_colcon_build_installs_a_working_package(tmp_path):
+def colcon_build(tmp_path: Path) -> tuple[Path, dict]:
+    """Copy this repo into a fresh workspace tmp_path/ws/src/openvla_ros and `colcon build` it
+    against the venv (as a ROS 2 user does against /opt/ros). Returns (workspace, build env)."""
     src = tmp_path / "ws" / "src" / "openvla_ros"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "build", "install", "log", "generated", "__pycache__", ".pytest_cache", "*.egg-info"))
@@ -26,6 +28,23 @@ def test_colcon_build_installs_a_working_package(tmp_path):
     build = subprocess.run([COLCON, "build", "--event-handlers", "console_direct-"], cwd=ws, env=env,
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    return ws, env
+
+
+_BUILT: dict = {}  # one build per test session, shared with test_ros2_cli.py (it imports this module)
+
+
+@pytest.fixture
+def colcon_workspace(tmp_path_factory) -> tuple[Path, dict]:
+    """A workspace with this repo colcon-built in it, built once per session. Read-only for tests."""
+    if "ws" not in _BUILT:
+        _BUILT["ws"] = colcon_build(tmp_path_factory.mktemp("colcon"))
+    return _BUILT["ws"]
+
+
+def test_colcon_build_installs_a_working_package(colcon_workspace):
+    ws, env = colcon_workspace
+    src = ws / "src" / "openvla_ros"
 
     prefix = ws / "install" / "openvla_ros"
     site = prefix / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"

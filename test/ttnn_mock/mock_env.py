@@ -15,8 +15,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DESCRIPTORS = {"N300": HERE / "n300_cluster_desc.yaml", "T3K": HERE / "t3k_cluster_desc.yaml"}
 STAND_IN = HERE / "riscv-tt-elf-g++"
-# Debian package with riscv64-unknown-elf-as / -ld (installed by .ci/run and the test setup).
+# The stand-in's assembler + linker: PyPI `ziglang` (requirements/dev.txt: its clang assembles
+# and its lld links rv32 ELF objects), else Debian's binutils-riscv64-unknown-elf.
+ZIG_PACKAGE = "ziglang"
 BINUTILS_PACKAGE = "binutils-riscv64-unknown-elf"
+BINUTILS_TOOLS = ("riscv64-unknown-elf-as", "riscv64-unknown-elf-ld")
 
 
 def ttnn_package_dir() -> Path | None:
@@ -26,6 +29,29 @@ def ttnn_package_dir() -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def zig_binary() -> Path | None:
+    """The `zig` executable of the ziglang package (None: not installed)."""
+    spec = importlib.util.find_spec(ZIG_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    zig = Path(list(spec.submodule_search_locations)[0]) / "zig"
+    return zig if os.access(zig, os.X_OK) else None
+
+
+def riscv_toolchain(prefer: str | None = None) -> str | None:
+    """MOCK_RISCV_TOOLCHAIN for the stand-in: "zig:<path>" (ziglang, the venv's default),
+    else "binutils" (Debian's riscv64-unknown-elf-as/-ld on PATH); None: neither is there.
+    prefer ("zig" | "binutils", default $OPENVLA_MOCK_RISCV or "zig") picks one when both are."""
+    prefer = prefer or os.environ.get("OPENVLA_MOCK_RISCV", "zig")
+    zig = zig_binary()
+    options = {"zig": f"zig:{zig}" if zig else None,
+               "binutils": "binutils" if all(shutil.which(t) for t in BINUTILS_TOOLS) else None}
+    if prefer not in options:
+        raise ValueError(f"OPENVLA_MOCK_RISCV must be zig or binutils, got {prefer!r}")
+    other = "binutils" if prefer == "zig" else "zig"
+    return options[prefer] or options[other]
+
+
 def missing_prerequisites() -> str | None:
     """Why mock-device tests cannot run here (None: they can)."""
     pkg = ttnn_package_dir()
@@ -33,9 +59,9 @@ def missing_prerequisites() -> str | None:
         return "ttnn is not installed"
     if not (pkg / "tt_metal" / "pre-compiled").is_dir():
         return f"{pkg}/tt_metal/pre-compiled (prebuilt firmware) missing from the ttnn wheel"
-    for tool in ("riscv64-unknown-elf-as", "riscv64-unknown-elf-ld"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: apt-get install {BINUTILS_PACKAGE}"
+    if riscv_toolchain() is None:
+        return (f"no RISC-V assembler/linker for the stand-in compiler: `{ZIG_PACKAGE}` is not in the venv "
+                f"(run `make setup`) and {BINUTILS_TOOLS[0]} is not on PATH (apt-get install {BINUTILS_PACKAGE})")
     return None
 
 
@@ -72,6 +98,9 @@ def mock_environment(mesh: str, work_dir: str | Path) -> dict:
         "TT_METAL_RUNTIME_ROOT": str(root),
         "TT_METAL_CACHE": str(work / "jit_cache"),
         "MOCK_PRECOMPILED_DIR": str(ttnn_package_dir() / "tt_metal" / "pre-compiled"),
+        "MOCK_RISCV_TOOLCHAIN": riscv_toolchain() or "binutils",
+        "ZIG_GLOBAL_CACHE_DIR": str(work / "zig_cache"),
+        "ZIG_LOCAL_CACHE_DIR": str(work / "zig_cache"),
         "TT_METAL_LOGGER_LEVEL": env.get("TT_METAL_LOGGER_LEVEL", "ERROR"),
         "LOGURU_LEVEL": env.get("LOGURU_LEVEL", "WARNING"),
         "OPENVLA_TTNN_CACHE": str(work / "weight_cache"),
