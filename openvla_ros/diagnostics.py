@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from openvla_model.speculative import AcceptanceStats
+
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 
 COUNTERS = (
@@ -49,6 +51,7 @@ class Stats:
         self.last_error_time = 0.0
         self.last_rejection_time = 0.0
         self.last_image_monotonic = 0.0
+        self.acceptance = AcceptanceStats()  # speculative decoding: drafts offered / accepted
 
     def inc(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -68,6 +71,12 @@ class Stats:
             self.consecutive_failures = 0
             self.model_ms.append(model_ms)
             self.overhead_ms.append(overhead_ms)
+
+    def speculation(self, drafted: bool, accepted: int) -> None:
+        """One model result with speculative decoding on: whether it had a draft, how many of
+        the draft's tokens were accepted."""
+        with self._lock:
+            self.acceptance.record(drafted, accepted)
 
     def published(self, latency_ms: float) -> None:
         now = time.monotonic()
@@ -92,6 +101,7 @@ class Stats:
                 "model_ms": list(self.model_ms), "latency_ms": list(self.latency_ms),
                 "overhead_ms": list(self.overhead_ms),
                 "consecutive_failures": self.consecutive_failures, "last_error": self.last_error,
+                "speculative": self.acceptance.as_dict(),
                 "last_error_age_s": time.monotonic() - self.last_error_time if self.last_error_time else None,
                 "last_rejection_age_s": (time.monotonic() - self.last_rejection_time
                                          if self.last_rejection_time else None),

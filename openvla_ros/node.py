@@ -14,6 +14,10 @@ reporting ERROR on /diagnostics with the reason.
 Threads: the executor thread only hands work on (store the newest frame, set the instruction,
 answer services, publish diagnostics, watch for stale input); one worker thread converts and
 infers (`_infer`), then publishes (`_publish`).
+Speculative decoding (`speculative`, default true): the worker keeps one DraftState for the
+node's stream; the last valid action's tokens are the draft for the next frame with the same
+instruction (not after an instruction change or refusal, deactivate/activate, a failure, or
+when older than speculative_max_age_s). Actions are the same as without it.
 Frames arriving while the worker is busy replace the pending one (counted as dropped), so
 there is never a backlog.
 
@@ -46,6 +50,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Float64, String
 from std_srvs.srv import SetBool
 
+from openvla_model.speculative import DraftState
 from openvla_ros.msg import EndEffectorAction
 
 from .diagnostics import REJECTED, Health, Stats, assess, build_status, percentile
@@ -93,7 +98,8 @@ def default_policy_loader(cfg: NodeConfig):
                   dtype=None if cfg.dtype == "auto" else cfg.dtype,
                   mesh_device=None if cfg.mesh_device == "auto" else cfg.mesh_device,
                   center_crop=cfg.center_crop,
-                  default_unnorm_key=cfg.unnorm_key or None)
+                  default_unnorm_key=cfg.unnorm_key or None,
+                  speculative=cfg.speculative)
     # Precision overrides (config/mesh/*.yaml) on top of the TT-NN profile (config/ttnn/*.yaml).
     if cfg.precision:
         kwargs["precision"] = dict(cfg.precision)
@@ -123,6 +129,10 @@ class OpenVLANode(LifecycleNode):
         self.policy_info: dict = {}
         self.load_error = ""
         self.stats = Stats()
+        # Speculative decoding: one stream (this node's camera + instruction), one DraftState. Used
+        # by the worker only (and by activate / deactivate while no worker runs).
+        self._speculative = False  # set at configure: the parameter and a policy that takes drafts
+        self._drafts = DraftState(self.cfg.speculative_max_age_s)
         # _out_lock orders everything that decides what reaches the robot: enable/disable,
         # activation, instruction changes and publishing. After disable returns, nothing moves.
         self._out_lock = threading.RLock()
@@ -273,11 +283,25 @@ class OpenVLANode(LifecycleNode):
             self.get_logger().error(f"configure failed: {problem}")
             return TransitionCallbackReturn.FAILURE
         self.policy, self.policy_info = policy, info
+        self._speculative = self._takes_drafts(cfg, policy)
         self._create_topics()
         if cfg.initial_instruction:
             self._set_instruction_text(cfg.initial_instruction, source="initial_instruction parameter")
         self.get_logger().info(f"configured in {getattr(policy, 'load_time_s', float('nan')):.2f} s: {info}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _takes_drafts(self, cfg: NodeConfig, policy) -> bool:
+        """Whether frames get drafts: the `speculative` parameter, a policy loaded with
+        speculative=True, and a backend that takes drafts (TT-NN does not yet: plain decoding)."""
+        if not cfg.speculative:
+            return False
+        if not getattr(policy, "speculative", False):
+            self.get_logger().info("speculative decoding off: the policy does not take drafts")
+            return False
+        if getattr(getattr(policy, "backend", None), "supports_draft", True) is False:
+            self.get_logger().info(f"speculative decoding off: the {cfg.backend} backend does not take drafts yet")
+            return False
+        return True
 
     def _create_topics(self) -> None:
         cfg = self.cfg
@@ -319,6 +343,7 @@ class OpenVLANode(LifecycleNode):
             self._active = True
             self._enabled = self.cfg.start_enabled and not self._shutting_down
             self._newest_stamp_ns = None
+        self._drafts.reset()  # no worker runs here: a new activation starts without a draft
         self._start_worker()
         if self._enabled:
             self.get_logger().info("active: motion output ENABLED (actions on `action`)")
@@ -337,6 +362,7 @@ class OpenVLANode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_motion_and_worker("deactivated")
+        self._drafts.reset()
         self.get_logger().info("inactive: no inference, nothing published")
         return TransitionCallbackReturn.SUCCESS
 
@@ -349,6 +375,7 @@ class OpenVLANode(LifecycleNode):
             except Exception as e:  # noqa: BLE001
                 self.get_logger().error(f"policy.close() failed: {e}")
             self.policy = None
+        self._speculative = False
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
@@ -595,19 +622,26 @@ class OpenVLANode(LifecycleNode):
             self._reject("rejected_bad_image", f"bad image: {e}")
             return None
         self.stats.inc("frames_processed")
+        draft = self._draft(instr, cfg)
         t1 = time.perf_counter()
         try:
-            result = policy.predict(rgb, instr.text, cfg.unnorm_key or None)
+            if draft is None:
+                result = policy.predict(rgb, instr.text, cfg.unnorm_key or None)
+            else:  # a bad draft is ignored by the policy, never raised
+                result = policy.predict(rgb, instr.text, cfg.unnorm_key or None, draft=draft)
         except InputError as e:
+            self._drafts.reset()
             self._reject("rejected_bad_input", f"input refused by the model: {e}")
             return None
         except Exception as e:  # noqa: BLE001 - BackendError and anything else: counted, reported, survived
+            self._drafts.reset()
             self.stats.inc("inference_errors")
             self.stats.error(f"inference failed: {type(e).__name__}: {e}", failure=True)
             self.get_logger().error(f"inference failed: {type(e).__name__}: {e}",
                                     throttle_duration_sec=cfg.log_throttle_s)
             return None
         model_ms = float(result.timings_ms.get("total", (time.perf_counter() - t1) * 1e3))
+        self._remember_draft(instr, result, draft is not None)
         with self._out_lock:
             seq = self._next_sequence()
         if not result.valid:
@@ -622,6 +656,36 @@ class OpenVLANode(LifecycleNode):
             self._reject("rejected_invalid_result", f"invalid model output (sequence {seq}): {e}")
             return None
         return Inference(frame, instr, result, safe, seq, model_ms, started)
+
+    def _draft(self, instr: Instruction, cfg: NodeConfig):
+        """The draft for this frame (worker thread): the last valid action's tokens when produced
+        for this instruction (same generation: not across a change or a refusal) at most
+        speculative_max_age_s ago; None otherwise or with speculative decoding off."""
+        if not self._speculative:
+            return None
+        try:
+            self._drafts.max_age_s = cfg.speculative_max_age_s  # runtime-changeable
+            return self._drafts.draft((instr.generation, instr.text))
+        except Exception as e:  # noqa: BLE001 - a draft problem never stops an action: decode plainly
+            self._drafts.reset()
+            self._warn(f"no draft for this frame: {type(e).__name__}: {e}")
+            return None
+
+    def _remember_draft(self, instr: Instruction, result, drafted: bool) -> None:
+        """Count the acceptance and keep this result's tokens as the next draft when they are all
+        valid action tokens (an invalid result leaves no draft)."""
+        if not self._speculative:
+            return
+        try:
+            self.stats.speculation(drafted, int(getattr(result, "accepted", 0) or 0) if drafted else 0)
+            if result.valid:
+                self._drafts.update((instr.generation, instr.text), result.tokens)
+            else:
+                self._drafts.reset()
+        except Exception as e:  # noqa: BLE001 - bookkeeping never stops an action
+            self._drafts.reset()
+            self.get_logger().warning(f"speculative decoding bookkeeping failed: {type(e).__name__}: {e}",
+                                      throttle_duration_sec=self.cfg.log_throttle_s)
 
     def _action_msg(self, inf: Inference) -> EndEffectorAction:
         result, safe = inf.result, inf.safe
@@ -717,7 +781,7 @@ class OpenVLANode(LifecycleNode):
 
     def diagnostic_values(self) -> dict:
         cfg, snap, info = self.cfg, self.stats.snapshot(), self.policy_info
-        counts = snap["counts"]
+        counts, spec = snap["counts"], snap["speculative"]
         with self._out_lock:
             instr = self._instruction
         values = {
@@ -733,6 +797,12 @@ class OpenVLANode(LifecycleNode):
             "instruction": (instr.text[:120] if instr else ""),
             "image_transport": cfg.image_transport,
             "inference_mode": cfg.inference_mode,
+            "speculative": self._speculative,
+            "speculative_max_age_s": cfg.speculative_max_age_s,
+            "speculative_drafted": spec["drafted"],
+            "speculative_accepted_total": spec["accepted_total"],
+            "speculative_acceptance_rate": spec["acceptance_rate"],
+            "speculative_mean_accepted": spec["mean_accepted"],
             "model_ms_p50": percentile(snap["model_ms"], 50),
             "model_ms_p95": percentile(snap["model_ms"], 95),
             "latency_ms_p50": percentile(snap["latency_ms"], 50),

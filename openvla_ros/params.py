@@ -114,6 +114,11 @@ SPECS: dict[str, Spec] = {
     "unnorm_key": Spec("", "Dataset statistics key used to un-normalise actions (e.g. bridge_orig). Required when "
                        "the checkpoint has several datasets.", read_only=False),
     "center_crop": Spec(False, "Central 90% crop before resizing (only for LIBERO fine-tunes)."),
+    "speculative": Spec(True, "Speculative action decoding: the previous action's tokens (same instruction, at most "
+                        "speculative_max_age_s old) are verified as a draft in the prefill. Same actions as plain "
+                        "greedy decoding; fewer decode steps when the draft matches. false: plain decoding."),
+    "speculative_max_age_s": Spec(1.0, "A previous action older than this is not used as a draft, s.",
+                                  read_only=False, check=_positive, number=True),
     **{k: Spec("", f"Override of the TT-NN precision profile config/ttnn/<mesh>.yaml ({', '.join(c for c in v if c)}; "
                "empty = the profile's value). Per mesh: config/mesh/*.yaml.", choices=v) for k, v in PRECISION_KEYS.items()},
     # -- inputs --
@@ -184,6 +189,8 @@ class NodeConfig:
     weights_path: str
     unnorm_key: str
     center_crop: bool
+    speculative: bool
+    speculative_max_age_s: float
     precision: dict
     image_transport: str
     image_qos_reliability: str
@@ -270,6 +277,7 @@ def validate(values: dict) -> NodeConfig:
     return NodeConfig(
         backend=v["backend"], mesh_device=v["mesh_device"], device=v["device"], dtype=v["dtype"],
         weights_path=v["weights_path"].strip(), unnorm_key=v["unnorm_key"].strip(), center_crop=v["center_crop"],
+        speculative=v["speculative"], speculative_max_age_s=v["speculative_max_age_s"],
         precision=precision, image_transport=v["image_transport"],
         image_qos_reliability=v["image_qos_reliability"], image_qos_depth=v["image_qos_depth"],
         instruction_qos_durability=v["instruction_qos_durability"], instruction_qos_depth=v["instruction_qos_depth"],

@@ -5,7 +5,8 @@
   leave no backlog, ~/enable, SIGTERM/SIGINT shutdown, ttnn unavailable -> up with ERROR,
   invalid parameters -> exit 2 with a clear message.
 - The node in this process on an executor thread: compressed images, no / stale instruction,
-  clipping and runtime parameters, invalid model results, lifecycle, fixed_rate, params files.
+  clipping and runtime parameters, invalid model results, lifecycle, fixed_rate, params files,
+  speculative decoding (which frames get the previous action's tokens as a draft, diagnostics).
 - Parameter validation and diagnostics levels as plain functions.
 One node process is reused across the checks that can share it (2-core CI machine).
 """
@@ -582,14 +583,14 @@ class ScriptedPolicy:
     def load_time_s(self):
         return self.policy.load_time_s
 
-    def predict(self, rgb, instruction, unnorm_key=None):
+    def predict(self, rgb, instruction, unnorm_key=None, **draft):
         from openvla_model import BackendError, InputError
 
         if self.mode == "input_error":
             raise InputError("instruction too long for the model")
         if self.mode == "backend_error":
             raise BackendError("device lost")
-        r = self.policy.predict(rgb, instruction, unnorm_key)
+        r = self.policy.predict(rgb, instruction, unnorm_key, **draft)
         if self.mode == "out_of_range":
             tokens = r.tokens.copy()
             tokens[2] = 1234
@@ -1225,3 +1226,137 @@ def test_inprocess_callback_exceptions_are_counted_and_the_node_survives(inproc)
     _, frame = small_frame(94)
     assert h.action_for(h.send_image(frame)) is not None
     assert h.wait_diag(lambda d: d["values"]["callback_errors"] == "2", timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# speculative decoding (issue 13): the previous action's tokens as the next frame's draft
+# ---------------------------------------------------------------------------------------------
+class RecordingPolicy(ScriptedPolicy):
+    """A speculative view of the session's tiny policy (same backend, speculative=True) that
+    records the draft of every predict() call and the result it returned."""
+
+    speculative = True
+
+    def __init__(self, tiny_policy):
+        from openvla_model import OpenVLAPolicy
+
+        p = tiny_policy
+        super().__init__(OpenVLAPolicy(p.config, p.backend, p.tokenizer, p.codec, p.preprocessor,
+                                       default_unnorm_key=p.default_unnorm_key, speculative=True))
+        self.calls: list[tuple[str, list | None]] = []  # (instruction, draft given as a list, or None)
+        self.draft_kwargs = 0  # calls that got a draft keyword at all
+        self.results: list = []
+
+    def predict(self, rgb, instruction, unnorm_key=None, **kwargs):
+        self.draft_kwargs += "draft" in kwargs
+        draft = kwargs.get("draft")
+        self.calls.append((instruction, None if draft is None else [int(t) for t in draft]))
+        r = super().predict(rgb, instruction, unnorm_key, **kwargs)
+        self.results.append(r)
+        return r
+
+
+def _act(h, policy, frame, n_calls):
+    """Send `frame`, wait for its action and for the policy's call number n_calls."""
+    a = h.action_for(h.send_image(frame), store=h.previews)
+    assert a is not None, "no action for the frame"
+    assert wait_until(lambda: len(policy.calls) >= n_calls, 5) and len(policy.calls) == n_calls
+    return a
+
+
+@requires_ros
+def test_default_loader_passes_the_speculative_parameter(monkeypatch):
+    import openvla_model
+
+    from openvla_ros.node import default_policy_loader
+    from openvla_ros.params import validate
+
+    seen = []
+    monkeypatch.setattr(openvla_model, "load_policy", lambda path, **kw: seen.append(kw["speculative"]))
+    default_policy_loader(validate({"backend": "torch"}))
+    default_policy_loader(validate({"backend": "torch", "speculative": False}))
+    assert seen == [True, False]  # default on
+
+
+@requires_ros
+def test_inprocess_speculative_drafts_follow_the_stream_and_diagnostics_carry_the_rate(inproc, tiny_policy):
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    policy = RecordingPolicy(tiny_policy)
+    node, h, _ = inproc("/spec", loader=lambda cfg: policy, initial_instruction=INSTRUCTION,
+                        speculative_max_age_s=30.0, max_image_age_s=30.0)
+    assert node.autostart()
+    h.wait_connected()
+    _, frame = small_frame(95)
+
+    # no previous action: no draft; the same frame again: the first action's tokens are the draft,
+    # all six verified drafts accepted by the real (tiny) model, same action
+    a1 = _act(h, policy, frame, 1)
+    assert policy.calls[0] == (INSTRUCTION, None)
+    a2 = _act(h, policy, frame, 2)
+    assert policy.calls[1] == (INSTRUCTION, list(a1.tokens))
+    assert list(a2.tokens) == list(a1.tokens) and policy.results[1].accepted == 6
+    d = h.wait_diag(lambda d: d["values"].get("speculative_drafted") == "1", timeout=5)
+    assert d, "diagnostics never counted the drafted action"
+    v = d["values"]
+    assert v["speculative"] == "True" and v["speculative_accepted_total"] == "6"
+    assert float(v["speculative_acceptance_rate"]) == 1.0 and float(v["speculative_mean_accepted"]) == 6.0
+
+    # an instruction change drops the draft; the next frame drafts from the new instruction's action
+    h.send_instruction("put the spoon in the bowl")
+    assert wait_until(lambda: node._instruction.text == "put the spoon in the bowl", 5)
+    a3 = _act(h, policy, frame, 3)
+    assert policy.calls[2] == ("put the spoon in the bowl", None)
+    _act(h, policy, frame, 4)
+    assert policy.calls[3][1] == list(a3.tokens)
+
+    # a refused instruction is a reset: the same text again starts without a draft
+    h.send_instruction("   ")
+    assert wait_until(lambda: node._instruction is None, 5)
+    h.send_instruction("put the spoon in the bowl")
+    assert wait_until(lambda: node._instruction is not None, 5)
+    _act(h, policy, frame, 5)
+    assert policy.calls[4][1] is None, "a draft survived a refused instruction"
+
+    # older than speculative_max_age_s (runtime parameter): no draft
+    assert all(r.successful for r in node.set_parameters([Parameter("speculative_max_age_s", value=0.2)]))
+    time.sleep(0.5)
+    _act(h, policy, frame, 6)
+    assert policy.calls[5][1] is None, "a draft older than speculative_max_age_s was used"
+
+    # an invalid result (out-of-range token) never becomes a draft
+    assert all(r.successful for r in node.set_parameters([Parameter("speculative_max_age_s", value=30.0)]))
+    policy.mode = "out_of_range"
+    before = node.stats.counts["rejected_invalid_result"]
+    h.send_image(frame)
+    assert wait_until(lambda: node.stats.counts["rejected_invalid_result"] > before, 10)
+    policy.mode = "ok"
+    _act(h, policy, frame, 8)
+    assert policy.calls[6][1] is not None and policy.calls[7][1] is None, "an invalid result became a draft"
+
+    # deactivate / activate is a reset
+    _act(h, policy, frame, 9)
+    assert policy.calls[8][1] is not None
+    assert node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    _act(h, policy, frame, 10)
+    assert policy.calls[9][1] is None, "a draft survived deactivate/activate"
+    drafted = sum(1 for _, dr in policy.calls if dr is not None)
+    assert drafted == 4  # frames 2, 4, 7 (the out-of-range one) and 9
+    assert h.wait_diag(lambda d: d["values"].get("speculative_drafted") == str(drafted), timeout=5)
+
+
+@requires_ros
+def test_inprocess_speculative_false_passes_no_draft(inproc, tiny_policy):
+    policy = RecordingPolicy(tiny_policy)
+    node, h, _ = inproc("/nospec", loader=lambda cfg: policy, initial_instruction=INSTRUCTION, speculative=False,
+                        max_image_age_s=30.0)
+    assert node.autostart()
+    h.wait_connected()
+    _, frame = small_frame(96)
+    _act(h, policy, frame, 1)
+    _act(h, policy, frame, 2)
+    assert [dr for _, dr in policy.calls] == [None, None] and policy.draft_kwargs == 0
+    d = h.wait_diag(lambda d: d["values"].get("speculative") == "False", timeout=5)
+    assert d and d["values"]["speculative_drafted"] == "0" and d["values"]["speculative_acceptance_rate"] == "nan"

@@ -356,6 +356,7 @@ def test_force_replaces_its_own_report_and_leftover(tmp_path, tiny_weights, caps
     ("out_is_empty", "--out is empty"),
     ("max_frames_0", "--max-frames must be >= 1, got 0"),
     ("max_frames_negative", "--max-frames must be >= 1, got -3"),
+    ("speculative_max_age_0", "--speculative-max-age-s must be a finite number > 0, got 0.0"),
 ])
 def test_bad_out_or_max_frames_is_refused_before_any_work(tmp_path, tiny_weights, capsys, monkeypatch, case, match):
     """Issue 9.8: `--out <file> --force` replayed everything and then crashed with
@@ -370,6 +371,8 @@ def test_bad_out_or_max_frames_is_refused_before_any_work(tmp_path, tiny_weights
            "parent_is_a_file": work / "file.txt" / "res", "out_is_empty": ""}.get(case, tmp_path / "res")
     if case.startswith("max_frames"):
         extra = ["--max-frames", match.rsplit(" ", 1)[1]]
+    if case == "speculative_max_age_0":
+        extra = ["--speculative-max-age-s", "0"]
     before = snapshot(tmp_path)
     _no_work(monkeypatch)
     rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out, "--force"] + extra,
@@ -462,3 +465,60 @@ def test_live_replay_into_the_node_process(tmp_path, tiny_weights, tiny_policy, 
         want = tiny_policy.predict(synthetic_rgb(int(r["frame"]), 96, 128), "pick up the red cup", "bridge_orig")
         assert [int(r[f"token_{i}"]) for i in range(7)] == want.tokens.tolist()
     assert len(read_output_bag(out)) == f["processed"]
+
+
+def _tokens(rows):
+    return [[int(r[f"token_{i}"]) for i in range(7)] for r in rows]
+
+
+def test_offline_speculative_acceptance_in_summary_and_report(tmp_path, tiny_weights, capsys):
+    """Issue 13: each frame's draft is the previous action's tokens (same instruction, image stamps
+    0.1 s apart < speculative_max_age_s). The accepted count of every frame is recomputed here
+    from the tokens alone: greedy-exact decoding accepts exactly the drafts that equal its own
+    tokens, i.e. the common prefix of the previous action's first 6 tokens and this action's."""
+    bag = write_episode(tmp_path / "ep", n_frames=6, gt=None)
+    out = tmp_path / "spec"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out], capsys)
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    rows = [r for r in read_csv(out) if r["status"] == "ok"]
+    sp, n = s["speculative"], s["frames"]["processed"]
+    assert n == len(rows) == 6
+    toks = _tokens(rows)
+    want = [None] + [next((j for j in range(6) if prev[j] != cur[j]), 6) for prev, cur in zip(toks, toks[1:])]
+    assert [None if r["accepted"] == "" else int(r["accepted"]) for r in rows] == want
+    hist = [0] * 7
+    for k in want:
+        hist[k or 0] += 1
+    assert sp == {"enabled": True, "max_age_s": 1.0, "actions": n, "drafted": n - 1,
+                  "accepted_total": sum(want[1:]), "acceptance_rate": pytest.approx(sum(want[1:]) / (6 * (n - 1))),
+                  "mean_accepted": pytest.approx(sum(want[1:]) / (n - 1)), "histogram": hist}
+    assert sum(sp["histogram"]) == n
+    report = (out / "report.md").read_text()
+    assert "acceptance rate" in report and "| actions | " + " | ".join(map(str, hist)) + " |" in report
+
+    # --no-speculative: the same actions (greedy-exact), no drafts, no accepted counts
+    plain = tmp_path / "plain"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", plain,
+                      "--no-speculative"], capsys)
+    assert rc == 0, err
+    prows = [r for r in read_csv(plain) if r["status"] == "ok"]
+    assert _tokens(prows) == toks
+    assert [[r[f"pred_{d}"] for d in DIMS] for r in prows] == [[r[f"pred_{d}"] for d in DIMS] for r in rows]
+    psp = json.loads((plain / "summary.json").read_text())["speculative"]
+    assert psp["enabled"] is False and psp["drafted"] == psp["accepted_total"] == 0
+    assert psp["histogram"] == [n, 0, 0, 0, 0, 0, 0] and psp["acceptance_rate"] is None
+    assert all(r["accepted"] == "" for r in prows)
+    assert "Speculative decoding: off" in (plain / "report.md").read_text()
+
+
+def test_offline_speculative_age_limit_drops_every_draft(tmp_path, tiny_weights, capsys):
+    """Image stamps 0.1 s apart and --speculative-max-age-s 0.05: no frame gets a draft."""
+    bag = write_episode(tmp_path / "ep", n_frames=3, gt=None)
+    out = tmp_path / "out"
+    rc, err = replay([bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out,
+                      "--speculative-max-age-s", "0.05"], capsys)
+    assert rc == 0, err
+    sp = json.loads((out / "summary.json").read_text())["speculative"]
+    assert sp["enabled"] is True and sp["max_age_s"] == 0.05
+    assert sp["actions"] == 3 and sp["drafted"] == 0 and sp["histogram"] == [3, 0, 0, 0, 0, 0, 0]

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh-device", default=os.environ.get("MESH_DEVICE"))
     p.add_argument("--unnorm-key", default=None)
     p.add_argument("--center-crop", action="store_true")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=True,
+                   help="offline: speculative action decoding, the previous action's tokens verified as a draft "
+                        "(same actions; the report shows how many were accepted)")
+    p.add_argument("--speculative-max-age-s", type=float, default=1.0,
+                   help="offline: no draft from an action older than this (by image stamps)")
     p.add_argument("--mode", default="offline", choices=["offline", "live"])
     p.add_argument("--rate", type=float, default=1.0, help="live: playback speed factor")
     sel = p.add_mutually_exclusive_group()
@@ -64,7 +69,8 @@ def main(argv=None) -> int:
         bag=args.bag, image_topic=args.image_topic, instruction_topic=args.instruction_topic,
         instruction=args.instruction, gt_action_topic=args.gt_action_topic, weights=args.weights,
         backend=args.backend, device=args.device, dtype=args.dtype, mesh_device=args.mesh_device,
-        unnorm_key=args.unnorm_key, center_crop=args.center_crop, mode=args.mode, rate=args.rate, every=args.every,
+        unnorm_key=args.unnorm_key, center_crop=args.center_crop, speculative=args.speculative,
+        speculative_max_age_s=args.speculative_max_age_s, mode=args.mode, rate=args.rate, every=args.every,
         control_rate_hz=args.control_rate_hz, max_frames=args.max_frames, out=args.out, force=args.force,
         gripper_threshold=args.gripper_threshold, twist_period_s=args.twist_period_s,
         gt_tolerance_s=args.gt_tolerance_s, bag_version=args.bag_version, progress=not args.quiet,
@@ -78,10 +84,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    f = summary["frames"]
+    f, sp = summary["frames"], summary.get("speculative")
+    spec = f"; draft tokens accepted: {sp['mean_accepted']:.2f} of 6 per drafted action" \
+        if sp and sp["mean_accepted"] is not None else ""
     print(f"{'PARTIAL ' if summary['partial'] else ''}report: {out}/report.md  "
           f"({f['processed']} actions from {f['selected']} frames; p50 latency "
-          f"{summary['latency_ms']['p50'] or float('nan'):.1f} ms)")
+          f"{summary['latency_ms']['p50'] or float('nan'):.1f} ms{spec})")
     return 130 if summary["partial"] else 0
 
 

@@ -41,6 +41,23 @@ def gripper_agreement(pred: np.ndarray, gt: np.ndarray, threshold: float = 0.5) 
     return float(((pred[ok] > threshold) == (gt[ok] > threshold)).mean())
 
 
+def speculation_summary(stats: dict | None) -> dict | None:
+    """The offline run's speculative decoding counts (AcceptanceStats.as_dict() + enabled,
+    max_age_s) for summary.json: rates as numbers or None (no drafted action), and histogram[k] =
+    actions acted on whose first k tokens came from the draft, the actions without a draft
+    (first frame, instruction change, too old, speculative off) in bin 0, so it sums to
+    `actions`. None without counts (live mode: the node reports them on /diagnostics)."""
+    if not stats:
+        return None
+    hist = [int(v) for v in stats["histogram"]]
+    hist[0] += int(stats["actions"]) - int(stats["drafted"])
+    return {"enabled": bool(stats["enabled"]), "max_age_s": float(stats["max_age_s"]),
+            "actions": int(stats["actions"]), "drafted": int(stats["drafted"]),
+            "accepted_total": int(stats["accepted_total"]),
+            "acceptance_rate": _finite_or_none(stats["acceptance_rate"]),
+            "mean_accepted": _finite_or_none(stats["mean_accepted"]), "histogram": hist}
+
+
 def latency_stats(latency_ms: np.ndarray) -> dict:
     lat = np.asarray(latency_ms, dtype=np.float64)
     lat = lat[np.isfinite(lat)]

@@ -21,6 +21,8 @@ class ReplayOptions:
     mesh_device: str | None = None
     unnorm_key: str | None = None
     center_crop: bool = False
+    speculative: bool = True  # offline: the previous action's tokens as the draft (same actions)
+    speculative_max_age_s: float = 1.0  # offline: no draft from an action older than this (image stamps)
     mode: str = "offline"
     rate: float = 1.0
     every: int = 1
@@ -53,7 +55,8 @@ def check_options(o: ReplayOptions) -> None:
         raise ReplayError(f"--every must be >= 1, got {o.every}")
     if o.max_frames is not None and o.max_frames < 1:
         raise ReplayError(f"--max-frames must be >= 1, got {o.max_frames}")
-    for flag, v in (("--rate", o.rate), ("--twist-period-s", o.twist_period_s)):
+    for flag, v in (("--rate", o.rate), ("--twist-period-s", o.twist_period_s),
+                    ("--speculative-max-age-s", o.speculative_max_age_s)):
         if not _positive(v):
             raise ReplayError(f"{flag} must be a finite number > 0, got {v}")
     if o.control_rate_hz is not None and not _positive(o.control_rate_hz):

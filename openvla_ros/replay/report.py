@@ -17,7 +17,7 @@ from .metrics import DIMS
 def write_csv(path: Path, rows: list) -> None:
     cols = (["frame", "stamp_ns", "stamp_s", "bag_time_s", "instruction", "status"] + [f"pred_{d}" for d in DIMS]
             + [f"norm_{d}" for d in DIMS] + [f"token_{i}" for i in range(7)] + ["out_of_range", "latency_ms"]
-            + [f"gt_{d}" for d in DIMS])
+            + [f"gt_{d}" for d in DIMS] + ["accepted"])
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -29,7 +29,7 @@ def write_csv(path: Path, rows: list) -> None:
             w.writerow([r["frame"], r["stamp_ns"], f"{r['stamp_ns'] / 1e9:.6f}", f"{r['bag_time_ns'] / 1e9:.6f}", r.get("instruction", ""),
                         r["status"]] + [f"{v:.7g}" for v in pred] + [f"{v:.7g}" for v in norm] + [int(t) if t != "" else ""
                         for t in toks] + [int(r.get("out_of_range", 0)), f"{r.get('latency_ms', math.nan):.3f}"]
-                       + [f"{v:.7g}" for v in gt])
+                       + [f"{v:.7g}" for v in gt] + ["" if r.get("accepted") is None else int(r["accepted"])])
 
 
 def _json_default(o):
@@ -100,6 +100,21 @@ def _fmt(v, nd=4):
     return "n/a" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
 
 
+def _speculation_lines(sp: dict | None, mode: str) -> list[str]:
+    if sp is None:
+        return [f"Speculative decoding: not measured in {mode} mode (the node reports it on /diagnostics).", ""]
+    if not sp["enabled"]:
+        return [f"Speculative decoding: off ({sp['actions']} actions decoded plainly).", ""]
+    lines = [f"Speculative decoding (previous action as the draft, at most {sp['max_age_s']:g} s old): "
+             f"{sp['drafted']} of {sp['actions']} actions had a draft; acceptance rate "
+             f"{_fmt(sp['acceptance_rate'], 3)}, mean accepted {_fmt(sp['mean_accepted'], 3)} of 6 per drafted "
+             "action. Actions per accepted count (no draft counts as 0):", "",
+             "| accepted | " + " | ".join(str(k) for k in range(len(sp["histogram"]))) + " |",
+             "|---" * (len(sp["histogram"]) + 1) + "|",
+             "| actions | " + " | ".join(str(v) for v in sp["histogram"]) + " |", ""]
+    return lines
+
+
 def write_report(out: Path, summary: dict, plots: list[str]) -> None:
     lines = [f"# OpenVLA replay report{' (PARTIAL: stopped early)' if summary['partial'] else ''}", ""]
     b, m, f = summary["bag"], summary["model"], summary["frames"]
@@ -119,6 +134,7 @@ def write_report(out: Path, summary: dict, plots: list[str]) -> None:
                       f"{_fmt(summary['gripper_agreement'], 3)}", ""]
     else:
         lines += ["No ground-truth actions in the bag: predictions only.", ""]
+    lines += _speculation_lines(summary.get("speculative"), summary["mode"])
     lines += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     rows_html = []
@@ -134,6 +150,8 @@ def write_report(out: Path, summary: dict, plots: list[str]) -> None:
             rows_html.append(f"<p>{html.escape(ln.lstrip('- '))}</p>")
     text = "\n".join(rows_html).replace("</p>\n<tr>", "</p>\n<table border=1 cellpadding=4><tr>")
     text = text.replace("</tr>\n<p>", "</tr></table>\n<p>")
+    if text.endswith("</tr>"):
+        text += "</table>"
     imgs = "\n".join(f'<img src="{p}" alt="{p}" style="max-width:100%">' for p in plots)
     (out / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>OpenVLA replay</title>\n{text}\n{imgs}\n", encoding="utf-8")

@@ -97,6 +97,7 @@ def finalize(out: Path, ep: BagEpisode, o: ReplayOptions, rows: list, info: dict
         "out_of_range_tokens": int(sum(oor)),
         "frames_with_out_of_range": int(sum(1 for v in oor if v)),
         "latency_ms": metrics.latency_stats(latency),
+        "speculative": metrics.speculation_summary(info.get("speculative")),
         "achieved_rate_hz": metrics.achieved_rate(done_t),
         "gripper_threshold": o.gripper_threshold,
         "errors_vs_gt": metrics.action_errors(pred, gt) if has_gt else None,
