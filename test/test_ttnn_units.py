@@ -11,9 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-pytest.importorskip("ttnn", reason="ttnn not installed")
-
-import ttnn  # noqa: E402
+import ttnn  # noqa: E402  (a required dependency of the venv: its absence is a failure, not a skip)
 
 from openvla_model.backends.ttnn.mesh import resolve_mesh_name  # noqa: E402
 from openvla_model.backends.ttnn.model_config import (  # noqa: E402
@@ -48,7 +46,10 @@ def test_profiles_follow_the_spec():
         assert n300.dtypes[role] == "bfloat16"
     assert n300.dtypes["ffn"] == "bfloat8_b" and n300.fidelity["ffn"] == "HiFi2"
     assert all(n300.fidelity[r] == "HiFi4" for r in ("qkv", "sdpa", "wo"))
-    assert set(t3k.dtypes.values()) == {"bfloat16"} and set(t3k.fidelity.values()) == {"HiFi4"}
+    assert set(t3k.dtypes.values()) == {"bfloat16"}
+    assert {v for k, v in t3k.fidelity.items() if k != "decode"} == {"HiFi4"}
+    # the DRAM-sharded decode matmuls run at HiFi2 (tt_transformers; issue 12), prefill keeps the above
+    assert n300.fidelity["decode"] == t3k.fidelity["decode"] == "HiFi2"
     for p in (n300, t3k):
         check_against_ttnn(p, ttnn)  # every name exists in the installed ttnn
         cfg = p.compute_config(ttnn, "sdpa")
@@ -199,7 +200,7 @@ def test_device_dying_mid_run_closes_the_mesh(tiny_policy):
     from openvla_model.checkpoint import Checkpoint
 
     class Dying(GoldenTTNN):
-        def all_gather(self, *a, **k):
+        def _experimental_all_gather_async(self, *a, **k):
             raise RuntimeError("TT_THROW: timeout waiting for ethernet core (simulated)")
 
     emu = Dying(2)
@@ -229,5 +230,58 @@ def test_prompt_longer_than_the_kv_cache_is_an_input_error(tiny_policy):
         with pytest.raises(InputError, match="max_seq_len 512"):
             be.generate(torch.zeros(1, 6, 224, 224), np.ones(300, np.int64), 7)
         assert be.describe()["state"] == "ok"  # bad input does not kill the device
+    finally:
+        be.close()
+
+
+# ---- weight cache (golden emulator: ttnn's cache-file contract, emulated) ----------------------
+@pytest.mark.parametrize("where", ["explicit", "auto"])
+def test_weight_cache_is_keyed_by_checkpoint_and_precision(tmp_path, monkeypatch, where):
+    """An explicit cache_dir and the default root alike: the second start loads every tensor from
+    the cache; a checkpoint rewritten in place, or another precision, converts again (a stale
+    cache would give the old weights' tokens)."""
+    from ttnn_golden.emulator import GoldenTTNN
+
+    from openvla_model import load_policy
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+    from openvla_model.config import load_config
+    from openvla_model.tiny_checkpoint import write_tiny_checkpoint
+
+    weights = write_tiny_checkpoint(tmp_path / "weights", seed=0)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("OPENVLA_TTNN_CACHE", str(root))
+    cache_dir = root if where == "explicit" else "auto"
+
+    def start(**kw):
+        emu = GoldenTTNN(2)
+        be = TtnnBackend(load_config(weights), Checkpoint(weights), mesh_device="N300", tt=emu, cache_dir=cache_dir,
+                         trace=False, **kw)
+        return be, (be.store.hits, be.store.misses, emu.cache_files_read)
+
+    px, ids = torch.zeros(1, 6, 224, 224), np.array([1, 300, 1000, 29871])
+    be, first = start()
+    old_tokens = be.generate(px, ids, 7)[0].tolist() if where == "explicit" else None
+    be.close()
+    n = first[1]
+    assert first == (0, n, 0) and n > 50, first
+    be, again = start()
+    be.close()
+    assert again == (n, 0, n), again  # every tensor from the cache, nothing converted
+
+    be, other_precision = start(precision={"ffn_weight_dtype": "bf16"})  # N300's FFN is BFP8 by default
+    be.close()
+    assert other_precision == (0, n, 0), other_precision
+
+    write_tiny_checkpoint(weights, seed=1)  # same names and sizes, other values
+    be, rewritten = start()
+    try:
+        assert rewritten == (0, n, 0), rewritten
+        if where == "auto":
+            return  # the tokens below: once is enough
+        with load_policy(weights, backend="torch", device="cpu", dtype="float32") as ref:
+            want = ref.backend.generate(px, ids, 7)[0].tolist()
+        assert want != old_tokens  # the two checkpoints are told apart by their tokens
+        assert be.generate(px, ids, 7)[0].tolist() == want
     finally:
         be.close()

@@ -10,10 +10,20 @@ bookkeeping — is what runs. What it does NOT check: kernels, tiling, memory, d
 (everything here is float32; dtypes and compute configs are ignored) — the mock-device tests and
 the hardware tests cover those.
 
+What the goldens are given is recorded, so tests can check what the emulation cannot show in
+numbers: `op_kwargs[op]` lists, per call, the epsilon passed to a norm (None = ttnn's default
+1e-12 would apply) and the fused activation a program config carries (the linear/matmul goldens
+apply it: program_config reaches them); `stripped_kwargs[op]` names the device-only keyword
+arguments that were dropped before the golden ran. `as_tensor(cache_file_name=...)` keeps ttnn's
+cache file contract (`<name>_dtype_<DTYPE>_layout_<LAYOUT>.tensorbin`, loaded instead of the
+given tensor when present), so weight-cache behaviour runs here too.
+
 Only the names the model uses are provided; anything else raises AttributeError naming it, so
 a new op in the model cannot silently bypass the emulation.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import ttnn
 import torch
@@ -30,6 +40,9 @@ _PASSTHROUGH = {
 # Keyword arguments that only steer the device (placement, kernels, precision): not part of the math.
 _DEVICE_ONLY = {"memory_config", "compute_kernel_config", "dtype", "program_config", "core_grid", "layout",
                 "queue_id", "output_tensor", "sub_core_grids"}
+# ...except a matmul's program config, which may carry a fused activation: its golden applies it.
+_KEEP_FOR = {"linear": {"program_config"}, "matmul": {"program_config"}}
+_NORMS = ("layer_norm", "rms_norm")
 _INT_DTYPES = ("uint32", "int32")
 
 
@@ -101,6 +114,9 @@ class GoldenTTNN:
         self.available = int(available_devices)
         self.fabric = None
         self.ops_run: dict[str, int] = {}
+        self.op_kwargs: dict[str, list[dict]] = {}  # op -> per call {"epsilon": ..., "fused_activation": ...}
+        self.stripped_kwargs: dict[str, set[str]] = {}  # op -> device-only kwargs dropped before the golden
+        self.cache_files_read = 0
         self.transformer = _Namespace(self, "transformer", {"scaled_dot_product_attention",
                                                             "scaled_dot_product_attention_decode"})
         self.experimental = _Namespace(self, "experimental", {"paged_update_cache"})
@@ -122,8 +138,8 @@ class GoldenTTNN:
         mesh = EmuMesh(shape)
         if mesh.n > self.available:
             raise RuntimeError(f"requested {mesh.n} devices, {self.available} available")
-        if mesh.n > 1 and self.fabric != ttnn.FabricConfig.FABRIC_1D:
-            raise RuntimeError("collectives need set_fabric_config(FABRIC_1D) before open_mesh_device")
+        if mesh.n > 1 and self.fabric not in (ttnn.FabricConfig.FABRIC_1D, ttnn.FabricConfig.FABRIC_1D_RING):
+            raise RuntimeError("collectives need set_fabric_config(FABRIC_1D or FABRIC_1D_RING) before open_mesh_device")
         return mesh
 
     def close_mesh_device(self, mesh):
@@ -149,8 +165,19 @@ class GoldenTTNN:
         return EmuTensor(shards, on_device=device is not None)
 
     def as_tensor(self, tensor, dtype=None, layout=None, device=None, mesh_mapper=None, cache_file_name=None, **_):
+        """ttnn.as_tensor: with cache_file_name, load `<name>_dtype_<D>_layout_<L>.tensorbin` when it
+        exists (the given tensor is then ignored, as ttnn does), else write it."""
+        path = None
+        if cache_file_name is not None:
+            path = Path(f"{cache_file_name}_dtype_{dtype.name}_layout_{layout.name}.tensorbin")
+            if path.is_file():
+                self.cache_files_read += 1
+                tensor = torch.load(path, weights_only=True)
+            elif tensor is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(tensor.detach().float().cpu().clone(), path)
         if tensor is None:
-            raise RuntimeError("GoldenTTNN.as_tensor: no tensor (weight caches are not emulated)")
+            raise RuntimeError(f"GoldenTTNN.as_tensor: no tensor and no cache file {path}")
         return self.from_torch(tensor, dtype=dtype, layout=layout, device=device, mesh_mapper=mesh_mapper)
 
     def to_torch(self, t, mesh_composer=None, **_):
@@ -180,9 +207,25 @@ class GoldenTTNN:
         pass
 
     # ---- ops: ttnn's golden function, once per chip --------------------------------------------
+    def _record(self, name, kwargs):
+        seen = {}
+        if name in _NORMS or "epsilon" in kwargs:
+            seen["epsilon"] = kwargs.get("epsilon")
+        pc = kwargs.get("program_config")
+        fused = getattr(pc, "fused_activation", None) if pc is not None else None
+        if fused is not None:
+            seen["fused_activation"] = str(getattr(fused, "op_type", fused))
+        if seen:
+            self.op_kwargs.setdefault(name, []).append(seen)
+        keep = _KEEP_FOR.get(name, set())
+        dropped = {k for k in kwargs if k in _DEVICE_ONLY and k not in keep}
+        if dropped:
+            self.stripped_kwargs.setdefault(name, set()).update(dropped)
+        return {k: v for k, v in kwargs.items() if k not in _DEVICE_ONLY or k in keep}
+
     def _per_chip(self, name, golden, args, kwargs):
         self.ops_run[name] = self.ops_run.get(name, 0) + 1
-        kwargs = {k: v for k, v in kwargs.items() if k not in _DEVICE_ONLY}
+        kwargs = self._record(name, kwargs)
         n = None
         for x in list(args) + list(kwargs.values()):
             for y in (x if isinstance(x, (list, tuple)) else [x]):
@@ -260,3 +303,9 @@ class GoldenTTNN:
     # ---- traces are a device feature ------------------------------------------------------------
     def begin_trace_capture(self, *_, **__):
         raise RuntimeError("GoldenTTNN does not emulate traces (construct the backend with trace=False)")
+
+
+# Emulations of the ops without a golden function (async collectives, fused decode ops).
+from .experimental_ops import install as _install_experimental  # noqa: E402
+
+_install_experimental(GoldenTTNN, _PASSTHROUGH)

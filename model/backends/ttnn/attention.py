@@ -1,10 +1,21 @@
 """Llama self-attention, tensor-parallel over the mesh: each chip owns num_heads / N query heads
 and num_kv_heads / N KV heads (column-parallel fused QKV), its slice of the KV cache, and the
-matching rows of WO (row-parallel); the partial outputs are summed with an all-reduce.
+matching rows of WO (row-parallel); the partial outputs are summed with an all-reduce (ccl.py:
+asynchronous reduce-scatter + all-gather with persistent semaphores).
 
-RoPE is HF's rotate_half form computed from ttnn ops, x*cos + (x @ R)*sin with R the
-rotate_half matrix, so the checkpoint's Q/K weights are used as they are (no permutation to the
-interleaved layout of ttnn.experimental.rotary_embedding_llama: the seed's defect 3 cannot occur).
+RoPE is HF's rotate_half form, so the checkpoint's Q/K weights are used as they are (no
+permutation to the interleaved layout of ttnn.experimental.rotary_embedding_llama: the seed's
+defect 3 cannot occur): in prefill computed from ttnn ops, x*cos + (x @ R)*sin with R the
+rotate_half matrix; in the fused decode graph `ttnn.experimental.rotary_embedding_hf` (the same
+HF formula in one op per tensor).
+
+Decode graph (`decode_fused`, tt_transformers' attention.forward_decode with the ops ttnn 0.81.1
+ships; used with decode_matmul: dram_sharded): the normed row arrives width-sharded in L1 in
+WQKV's input layout -> DRAM-sharded WQKV -> nlp_create_qkv_heads_decode (q, k, v height-sharded)
+-> rotary_embedding_hf on q and k -> paged_update_cache of k and v straight from the heads op ->
+sdpa decode -> one reshard to height-sharded -> nlp_concat_heads_decode -> a view back to the
+logical single row (no device op) -> reshard to WO's input -> DRAM-sharded WO -> all-reduce
+(ccl.py) into the residual's layout: 13 device ops, 2 of them collectives.
 """
 from __future__ import annotations
 
@@ -24,13 +35,6 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     r[idx + half, idx] = -1.0
     r[idx, idx + half] = 1.0
     return r
-
-
-def all_reduce(tt, mesh, x):
-    """Sum the row-parallel partial results of every chip (every chip gets the sum)."""
-    if mesh.num_devices == 1:
-        return x
-    return tt.all_reduce(x)
 
 
 class Rope:
@@ -61,6 +65,12 @@ class Rope:
         return (tt.slice(self.cos_tiles, [0, 0, 0, 0], [1, 1, seq, d]),
                 tt.slice(self.sin_tiles, [0, 0, 0, 0], [1, 1, seq, d]))
 
+    def decode_tables_sharded(self, pos_rows, memcfg):
+        """The fused decode graph's cos / sin: (1, 1, 1, d) height-sharded (rotary_embedding_hf's
+        decode mode wants cos/sin [1, batch, 1, d] height-sharded)."""
+        cos, sin = self.decode_tables(pos_rows)
+        return self.tt.to_memory_config(cos, memcfg), self.tt.to_memory_config(sin, memcfg)
+
     def decode_tables(self, pos_rows):
         """pos_rows: (1, 1) uint32 position on the mesh -> (1, 1, 1, d) cos, sin."""
         tt, d = self.tt, self.head_dim
@@ -75,8 +85,8 @@ class Rope:
 
 
 class Attention:
-    def __init__(self, tt, mesh, profile, store, llm_cfg, layer: int, rope: Rope, max_seq: int):
-        self.tt, self.mesh, self.rope = tt, mesh, rope
+    def __init__(self, tt, mesh, profile, store, llm_cfg, layer: int, rope: Rope, max_seq: int, ccl):
+        self.tt, self.mesh, self.rope, self.ccl = tt, mesh, rope, ccl
         n = mesh.num_devices
         self.hidden = llm_cfg.hidden_size
         self.heads = llm_cfg.num_attention_heads
@@ -88,6 +98,7 @@ class Attention:
         self.qkv_compute = profile.compute_config(tt, "qkv")
         self.sdpa_compute = profile.compute_config(tt, "sdpa")
         self.wo_compute = profile.compute_config(tt, "wo")
+        decode_compute = profile.compute_config(tt, "decode")
         d, hl, kl = self.head_dim, self.local_heads, self.local_kv
         pre = f"model.layers.{layer}.self_attn."
         raw = lambda name: store.raw("llm", pre + name)  # noqa: E731
@@ -99,10 +110,11 @@ class Attention:
             return torch.cat(blocks, 0).transpose(0, 1)  # (hidden, n * (hl + 2 kl) d): chip i gets block i
 
         self.wqkv = Linear(tt, mesh, profile, store, f"llm.{layer}.wqkv", wqkv, profile.dtype(tt, "wqkv"), shard_dim=1,
-                           in_features=self.hidden, out_features=(hl + 2 * kl) * d, compute=self.qkv_compute)
+                           in_features=self.hidden, out_features=(hl + 2 * kl) * d, compute=self.qkv_compute,
+                           decode_compute=decode_compute)
         self.wo = Linear(tt, mesh, profile, store, f"llm.{layer}.wo", lambda: raw("o_proj.weight").transpose(0, 1),
                          profile.dtype(tt, "wo"), shard_dim=0, in_features=hl * d, out_features=self.hidden,
-                         compute=self.wo_compute)
+                         compute=self.wo_compute, decode_compute=decode_compute)
         # Preallocated once for the longest sequence and reused: prefill overwrites rows 0..S-1,
         # decode writes row p before attending to rows 0..p, so stale rows are never read and no
         # reset is needed between calls.
@@ -138,7 +150,7 @@ class Attention:
                                                         compute_kernel_config=self.sdpa_compute)
         o = tt.reshape(tt.permute(o, (0, 2, 1, 3)), (1, 1, seq, self.local_heads * d))
         out = self.wo.prefill(o, self.act_dtype)
-        return all_reduce(tt, self.mesh, out)
+        return self.ccl.all_reduce(out, prefill=True)
 
     def decode(self, x, pos, cos, sin):
         """x: (1, 1, 1, hidden) normed; pos: (1,) int32 position on the mesh (a device tensor,
@@ -160,4 +172,24 @@ class Attention:
             compute_kernel_config=self.sdpa_compute)
         o = tt.reshape(o, (1, 1, 1, self.local_heads * d))
         out = self.wo.decode(o, self.act_dtype)
-        return all_reduce(tt, self.mesh, out)
+        return self.ccl.all_reduce(out)
+
+    def decode_fused(self, x, pos, cos, sin, residual_memcfg):
+        """x: (1, 1, 1, hidden) normed, width-sharded in WQKV's decode input layout; cos / sin from
+        Rope.decode_tables_sharded. Returns the all-reduced output in `residual_memcfg`."""
+        tt, d, hl = self.tt, self.head_dim, self.local_heads
+        qkv = self.wqkv.decode_sharded(x, self.act_dtype)
+        q, k, v = tt.experimental.nlp_create_qkv_heads_decode(
+            qkv, num_heads=hl, num_kv_heads=self.local_kv, memory_config=tt.L1_HEIGHT_SHARDED_MEMORY_CONFIG)
+        q = tt.experimental.rotary_embedding_hf(q, cos, sin, is_decode_mode=True)
+        k = tt.experimental.rotary_embedding_hf(k, cos, sin, is_decode_mode=True)
+        tt.experimental.paged_update_cache(self.k_cache, k, update_idxs_tensor=pos)
+        tt.experimental.paged_update_cache(self.v_cache, v, update_idxs_tensor=pos)
+        o = tt.transformer.scaled_dot_product_attention_decode(
+            q, self.k_cache, self.v_cache, cur_pos_tensor=pos, scale=self.scale,
+            compute_kernel_config=self.sdpa_compute)
+        o = tt.experimental.nlp_concat_heads_decode(tt.to_memory_config(o, self.update_memcfg), num_heads=hl)
+        # the op pads the batch to 32 rows: view it as the one logical row (same padded shape: no op)
+        o = tt.reshape(o, tt.Shape([1, 1, 1, hl * d]), tt.Shape([1, 1, TILE, hl * d]))
+        out = self.wo.decode_sharded(tt.to_memory_config(o, self.wo.decode_input), self.act_dtype)
+        return self.ccl.all_reduce(out, memory_config=residual_memcfg)

@@ -107,7 +107,8 @@ class TtnnBackend:
         p = self.profile
         return {"backend": self.name, "device": f"{p.mesh_name} mesh {list(p.mesh_shape)}",
                 "dtype": ", ".join(f"{k}={v}" for k, v in p.dtypes.items()),
-                "trace_decode": bool(self.trace), "decode_matmul": p.decode_matmul, "load_s": round(self.load_s, 2),
+                "trace_decode": bool(self.trace), "decode_matmul": p.decode_matmul,
+                "decode_graph": "fused" if self.llm.fused else "legacy", "load_s": round(self.load_s, 2),
                 "weight_cache": str(self.store.cache_dir) if self.store.cache_dir else None,
                 "state": "error: " + self._dead if self._dead else "ok"}
 
@@ -172,6 +173,8 @@ class TtnnBackend:
         later steps replay it with only the token id and position written from the host."""
         tt, dev = self.tt, self.mesh.device
         self.llm.set_step_inputs(token, pos)
+        # The trace records the semaphores its collectives use: start from a known point of the cycle.
+        self.llm.ccl.reset()
         tid = tt.begin_trace_capture(dev, cq_id=0)
         try:
             out = self.llm.next_token(self.llm.decode_step())

@@ -2,12 +2,14 @@
 rows) and in decode (one row).
 
 `decode_matmul` in the precision profile picks the weight layout:
-- interleaved (default): DRAM-interleaved weight, plain ttnn.linear in both phases.
-- dram_sharded: the weight width-sharded over the DRAM banks; decode uses the DRAM-sharded
-  matmul (activation row width-sharded in L1, each DRAM bank streamed by its nearest core: the
-  bandwidth-bound decode step reads weights near peak DRAM bandwidth), prefill a 2D multicast
-  matmul with an explicit program config (ttnn 0.81.1's default matmul needs an interleaved
-  weight). Validated on mock devices; its speed and numbers are still to be measured on a card.
+- dram_sharded (what both profiles, config/ttnn/N300.yaml and T3K.yaml, use): the weight
+  width-sharded over the DRAM banks; decode uses the DRAM-sharded matmul (activation row
+  width-sharded in L1, each DRAM bank streamed by its nearest core: the bandwidth-bound decode
+  step reads weights near peak DRAM bandwidth), prefill a 2D multicast matmul with an explicit
+  program config (ttnn 0.81.1's default matmul needs an interleaved weight). Validated on mock
+  devices; its speed and numbers are still to be measured on a card.
+- interleaved (the fallback: profile_overrides={"decode_matmul": "interleaved"}, or a profile
+  file without the key): DRAM-interleaved weight, plain ttnn.linear in both phases.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ def _largest_divisor(n: int, limit: int) -> int:
 
 class Linear:
     def __init__(self, tt, mesh, profile, store, name: str, make, dtype, *, shard_dim: int,
-                 in_features: int, out_features: int, compute):
-        """in_features / out_features: this chip's K and N (after tensor-parallel sharding)."""
+                 in_features: int, out_features: int, compute, decode_compute=None):
+        """in_features / out_features: this chip's K and N (after tensor-parallel sharding).
+        decode_compute: compute config of the DRAM-sharded decode matmul (default: `compute`)."""
         self.tt, self.mesh, self.compute = tt, mesh, compute
+        self.decode_compute = decode_compute or compute
         self.k, self.n = in_features, out_features
         self.dram_sharded = profile.decode_matmul == "dram_sharded"
         memory_config = None
@@ -75,7 +79,13 @@ class Linear:
         tt = self.tt
         if not self.dram_sharded:
             return tt.linear(x, self.weight, compute_kernel_config=self.compute, dtype=dtype)
-        y = tt.linear(tt.to_memory_config(x, self.decode_input), self.weight, program_config=self.decode_program,
-                      memory_config=tt.L1_WIDTH_SHARDED_MEMORY_CONFIG, compute_kernel_config=self.compute,
-                      dtype=dtype)
+        y = self.decode_sharded(tt.to_memory_config(x, self.decode_input), dtype)
         return tt.sharded_to_interleaved(y, tt.DRAM_MEMORY_CONFIG if dram_output else tt.L1_MEMORY_CONFIG)
+
+    def decode_sharded(self, x, dtype):
+        """DRAM-sharded decode matmul on an activation row ALREADY in `decode_input`'s layout
+        (width-sharded in L1; one reshard may feed several weights of the same K, e.g. W1 and W3)
+        -> (1, 1, 1, N) width-sharded in L1."""
+        return self.tt.linear(x, self.weight, program_config=self.decode_program,
+                              memory_config=self.tt.L1_WIDTH_SHARDED_MEMORY_CONFIG,
+                              compute_kernel_config=self.decode_compute, dtype=dtype)

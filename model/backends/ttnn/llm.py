@@ -13,6 +13,7 @@ import torch
 
 from ...errors import InputError
 from .attention import Rope
+from .ccl import CCL
 from .decoder import DecoderLayer
 from .linear import Linear
 from .weights import TILE, as_row, pad_dim, round_up
@@ -34,13 +35,30 @@ class LLM:
         self.embedding = store.put("llm.embed", lambda: raw("model.embed_tokens.weight"),
                                    profile.dtype(tt, "embedding"), layout=tt.ROW_MAJOR_LAYOUT)
         self.rope = Rope(tt, mesh, llm_cfg, max_seq)
-        self.layers = [DecoderLayer(tt, mesh, profile, store, llm_cfg, i, self.rope, max_seq)
+        self.ccl = CCL(tt, mesh, profile)  # every collective of the LM (persistent semaphores)
+        self.layers = [DecoderLayer(tt, mesh, profile, store, llm_cfg, i, self.rope, max_seq, self.ccl)
                        for i in range(llm_cfg.num_hidden_layers)]
         self.norm = store.put("llm.norm", lambda: as_row(raw("model.norm.weight")), tt.bfloat16)
         self.lm_head = Linear(tt, mesh, profile, store, "llm.lm_head",
                               lambda: pad_dim(raw("lm_head.weight").transpose(0, 1), 1, self.vocab_padded),
                               profile.dtype(tt, "lm_head"), shard_dim=1, in_features=self.hidden,
                               out_features=self.vocab_padded // n, compute=self.head_compute)
+        # Fused decode graph (decoder.py): the residual row width-sharded in L1 in the decode input
+        # layout shared by WQKV, W1, W3 and the LM head (all K = hidden), and the sharded RMSNorm's
+        # program over that grid.
+        self.fused = profile.decode_matmul == "dram_sharded" and profile.decode_graph == "fused"
+        if self.fused:
+            self.residual_memcfg = self.lm_head.decode_input  # = WQKV's, W1's and W3's (same K, same grid)
+            cores = self.hidden // self.residual_memcfg.shard_spec.shape[1]
+            grid_x = mesh.device.compute_with_storage_grid_size().x
+            if cores % grid_x:
+                raise ValueError(f"fused decode: the residual's {cores} cores do not fill rows of {grid_x}")
+            block_w = self.hidden // TILE // cores
+            self.norm_program = tt.LayerNormShardedMultiCoreProgramConfig(
+                compute_with_storage_grid_size=(grid_x, cores // grid_x), subblock_w=block_w, block_h=1,
+                block_w=block_w, inplace=False)
+            for layer in self.layers:
+                layer.fused = (self.residual_memcfg, self.norm_program)
         rep = tt.ReplicateTensorToMesh(mesh.device)
         # Decode inputs: written from the host before each step (4 bytes each), read by the step.
         self.step_token = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
@@ -112,6 +130,8 @@ class LLM:
 
     def decode_step(self):
         """One token at the position in self.step_pos: reads only the step_* device tensors."""
+        if self.fused:
+            return self._decode_step_fused()
         tt = self.tt
         x = tt.reshape(tt.embedding(self.step_token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
         cos, sin = self.rope.decode_tables(self.step_pos_rows)
@@ -119,11 +139,22 @@ class LLM:
             x = layer.decode(x, self.step_pos, cos, sin)
         return self._head(x)
 
+    def _decode_step_fused(self):
+        """tt_transformers' decode graph: the residual stays width-sharded in L1 (decoder.py)."""
+        tt, mem = self.tt, self.residual_memcfg
+        x = tt.reshape(tt.embedding(self.step_token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        x = tt.to_memory_config(x, mem)
+        cos, sin = self.rope.decode_tables_sharded(self.step_pos_rows, self.layers[0].attention.update_memcfg)
+        for layer in self.layers:
+            x = layer.decode(x, self.step_pos, cos, sin)
+        x = tt.rms_norm(x, weight=self.norm, epsilon=self.eps, program_config=self.norm_program, memory_config=mem,
+                        compute_kernel_config=self.norm_compute)
+        return tt.sharded_to_interleaved(self.lm_head.decode_sharded(x, tt.bfloat16), tt.L1_MEMORY_CONFIG)
+
     def next_token(self, logits):
         """Greedy argmax over all real vocabulary entries (padding columns excluded), on the mesh."""
         tt = self.tt
-        if self.mesh.num_devices > 1:
-            logits = tt.all_gather(logits, dim=3)
+        logits = self.ccl.all_gather(logits, dim=3)
         logits = tt.slice(logits, [0, 0, 0, 0], [1, 1, 1, self.vocab])
         return tt.argmax(logits, dim=3)
 

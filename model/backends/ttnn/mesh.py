@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ...errors import BackendError
+from .ccl import fabric_config
 
 log = logging.getLogger("openvla_model.ttnn")
 
@@ -92,8 +93,9 @@ def open_mesh(tt, name: str | None, profile_loader, device_options: dict | None 
         raise BackendError(f"{profile.source}: mesh_shape {list(profile.mesh_shape)} does not match {mesh_name} {list(shape)}")
     opts = {**profile.device, **(device_options or {})}
     try:
-        # all_reduce / all_gather run over the ethernet fabric; it must be configured before open.
-        tt.set_fabric_config(tt.FabricConfig.FABRIC_1D)
+        # The collectives run over the ethernet fabric; it must be configured before open:
+        # FABRIC_1D_RING on T3K (Ring topology), FABRIC_1D on N300 (Linear): ccl.fabric_config.
+        tt.set_fabric_config(fabric_config(tt, mesh_name))
         device = tt.open_mesh_device(
             mesh_shape=tt.MeshShape(*shape),
             trace_region_size=int(opts.get("trace_region_size", 60_000_000)),

@@ -19,6 +19,20 @@ FIDELITY_ROLES = ("vision", "projector", "qkv", "sdpa", "wo", "ffn", "lm_head")
 DTYPE_NAMES = ("bfloat16", "bfloat8_b", "bfloat4_b", "float32")
 FIDELITY_NAMES = ("LoFi", "HiFi2", "HiFi3", "HiFi4")
 DECODE_MATMULS = ("interleaved", "dram_sharded")
+# fused: tt_transformers' decode graph (decoder.py decode_fused: sharded residual, heads / RoPE /
+# concat ops, 24 device ops per layer); legacy: the interleaved graph (45 ops per layer). fused
+# needs decode_matmul: dram_sharded (its activations live in the DRAM-sharded matmuls' layouts);
+# with decode_matmul: interleaved the legacy graph runs.
+DECODE_GRAPHS = ("fused", "legacy")
+# Optional keys and their defaults:
+# - dtypes.ccl: dtype of the prefill collectives' payload (ccl.py; bfloat8_b halves the ethernet
+#   bytes; decode payloads are never cast). bfloat16 = no cast.
+# - fidelity.decode: the DRAM-sharded decode matmuls of the decoder layers (WQKV, WO, W1/W3/W2).
+#   They compute only on their 12 DRAM-reader cores: at HiFi4 they turn compute-bound;
+#   tt_transformers runs them at HiFi2 (its mlp.py / attention.py). qkv / wo / ffn stay the
+#   fidelities of prefill (and of every matmul with decode_matmul: interleaved).
+OPTIONAL_DTYPES = {"ccl": ("bfloat16", ("bfloat16", "bfloat8_b"))}
+OPTIONAL_FIDELITIES = {"decode": "HiFi2"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class PrecisionProfile:
     max_seq_len: int = 512
     trace_decode: bool = True
     decode_matmul: str = "interleaved"  # | dram_sharded (see linear.py)
+    decode_graph: str = "fused"  # | legacy (see DECODE_GRAPHS)
     source: str = ""
 
     def dtype(self, tt, role: str):
@@ -74,6 +89,15 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     dtypes = dict(data.get("dtypes") or {})
     fidelity = dict(data.get("fidelity") or {})
+    for role, (default, allowed) in OPTIONAL_DTYPES.items():
+        dtypes.setdefault(role, default)
+        if dtypes[role] not in allowed:
+            raise BackendError(f"{path}: dtypes.{role} = {dtypes[role]!r}; expected one of {', '.join(allowed)}")
+    for role, default in OPTIONAL_FIDELITIES.items():
+        fidelity.setdefault(role, default)
+        if fidelity[role] not in FIDELITY_NAMES:
+            raise BackendError(
+                f"{path}: fidelity.{role} = {fidelity[role]!r}; expected one of {', '.join(FIDELITY_NAMES)}")
     for role in DTYPE_ROLES:
         if dtypes.get(role) not in DTYPE_NAMES:
             raise BackendError(f"{path}: dtypes.{role} = {dtypes.get(role)!r}; expected one of {', '.join(DTYPE_NAMES)}")
@@ -84,7 +108,8 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     if dtypes["embedding"] != "bfloat16":
         raise BackendError(f"{path}: dtypes.embedding must be bfloat16 (ttnn.embedding looks rows up in a "
                            f"row-major bfloat16 table), got {dtypes['embedding']!r}")
-    unknown = sorted(set(dtypes) - set(DTYPE_ROLES)) + sorted(set(fidelity) - set(FIDELITY_ROLES))
+    unknown = (sorted(set(dtypes) - set(DTYPE_ROLES) - set(OPTIONAL_DTYPES))
+               + sorted(set(fidelity) - set(FIDELITY_ROLES) - set(OPTIONAL_FIDELITIES)))
     if unknown:
         raise BackendError(f"{path}: unknown precision keys {unknown}")
     shape = tuple(int(x) for x in data.get("mesh_shape", ()))
@@ -96,10 +121,13 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     decode_matmul = str(data.get("decode_matmul", "interleaved"))
     if decode_matmul not in DECODE_MATMULS:
         raise BackendError(f"{path}: decode_matmul = {decode_matmul!r}; expected one of {', '.join(DECODE_MATMULS)}")
+    decode_graph = str(data.get("decode_graph", "fused"))
+    if decode_graph not in DECODE_GRAPHS:
+        raise BackendError(f"{path}: decode_graph = {decode_graph!r}; expected one of {', '.join(DECODE_GRAPHS)}")
     return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
                             device=dict(data.get("device") or {}), max_seq_len=max_seq,
                             trace_decode=bool(data.get("trace_decode", True)), decode_matmul=decode_matmul,
-                            source=str(path))
+                            decode_graph=decode_graph, source=str(path))
 
 
 def check_against_ttnn(profile: PrecisionProfile, tt) -> None:

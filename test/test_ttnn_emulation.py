@@ -1,0 +1,233 @@
+"""The golden emulator's own emulations of ttnn ops WITHOUT a golden function
+(test/ttnn_golden/experimental_ops.py), each checked on its own against an independent torch
+composition or ttnn's golden of the equivalent op, so the emulator cannot agree with a wrong
+model graph by construction; and the collectives' trace-safety contract (ccl.py): persistent
+semaphores created once, cycled, Ring topology only on a FABRIC_1D_RING fabric.
+All tests are host-only and take milliseconds.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ttnn  # noqa: E402
+
+from ttnn_golden import experimental_ops as xo  # noqa: E402
+from ttnn_golden.emulator import EmuTensor, GoldenTTNN  # noqa: E402
+
+
+def _shards(n, shape=(1, 1, 3, 64), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+# ---- collectives ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, 8])
+def test_reduce_scatter_is_sum_then_chunk_in_device_order(n):
+    shards = _shards(n)
+    out = xo.reduce_scatter_shards(shards, 3)
+    total = torch.stack(shards).sum(0)
+    w = 64 // n
+    for i, o in enumerate(out):
+        assert o.shape == (1, 1, 3, w)
+        torch.testing.assert_close(o, total[..., i * w:(i + 1) * w])
+    # ttnn's golden of the synchronous reduce_scatter composes the chips' outputs along dim 3
+    ref = ttnn.get_golden_function(ttnn.reduce_scatter)(shards, 3, _ttnn_golden_mesh_shape=(1, n),
+                                                         _ttnn_golden_mesh_shard_dims=(None, None))
+    torch.testing.assert_close(torch.cat(out, 3), ref)
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_all_gather_is_cat_in_device_order_on_every_chip(n):
+    shards = _shards(n)
+    out = xo.all_gather_shards(shards, 3)
+    ref = ttnn.get_golden_function(ttnn.all_gather)(shards, 3, _ttnn_golden_mesh_shape=(1, n),
+                                                    _ttnn_golden_mesh_shard_dims=(None, None))
+    for o in out:
+        torch.testing.assert_close(o, torch.cat(shards, 3))
+        torch.testing.assert_close(o, ref)
+
+
+def test_reduce_scatter_then_all_gather_is_an_all_reduce():
+    shards = _shards(8)
+    emu = GoldenTTNN(8)
+    ref = emu.all_reduce(EmuTensor([s.clone() for s in shards]))  # ttnn's all_reduce golden
+    out = xo.all_gather_shards(xo.reduce_scatter_shards(shards, 3), 3)
+    for o, r in zip(out, ref.shards):
+        torch.testing.assert_close(o, r)
+
+
+def _open(emu, name):
+    from openvla_model.backends.ttnn.ccl import fabric_config
+    from openvla_model.backends.ttnn.mesh import MESH_SHAPES, Mesh
+
+    emu.set_fabric_config(fabric_config(ttnn, name))
+    shape = MESH_SHAPES[name]
+    return Mesh(emu, name, emu.open_mesh_device(ttnn.MeshShape(*shape)), shape)
+
+
+def test_async_collectives_demand_semaphores_and_a_ring_fabric_for_ring():
+    emu = GoldenTTNN(2)
+    emu.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    dev = emu.open_mesh_device(ttnn.MeshShape(1, 2))
+    x = emu.from_torch(torch.zeros(1, 1, 1, 64), device=dev, mesh_mapper=emu.ReplicateTensorToMesh(dev))
+    sems = [emu.create_global_semaphore(dev, None, 0) for _ in range(3)]
+    with pytest.raises(ValueError, match="3 semaphores"):
+        emu.experimental.reduce_scatter_minimal_async(x, dim=3, multi_device_global_semaphore=sems[:2],
+                                                      topology=ttnn.Topology.Linear)
+    with pytest.raises(RuntimeError, match="FABRIC_1D_RING"):
+        emu.experimental.all_gather_async(x, dim=3, multi_device_global_semaphore=sems[:2],
+                                          topology=ttnn.Topology.Ring)
+    y = emu.experimental.reduce_scatter_minimal_async(x, dim=3, multi_device_global_semaphore=sems,
+                                                      topology=ttnn.Topology.Linear)
+    assert y.shape == (1, 1, 1, 32)
+
+
+@pytest.mark.parametrize("name,n,topology,fabric", [
+    ("N300", 2, ttnn.Topology.Linear, ttnn.FabricConfig.FABRIC_1D),
+    ("T3K", 8, ttnn.Topology.Ring, ttnn.FabricConfig.FABRIC_1D_RING)])
+def test_ccl_semaphores_created_once_cycled_and_reset(name, n, topology, fabric):
+    from openvla_model.backends.ttnn.ccl import CCL, SEMAPHORE_SETS, SEMAPHORES_PER_KIND
+
+    emu = GoldenTTNN(n)
+    mesh = _open(emu, name)
+    assert emu.fabric == fabric
+    ccl = CCL(emu, mesh)
+    created = len(emu.semaphores)
+    assert created == SEMAPHORE_SETS * sum(SEMAPHORES_PER_KIND.values())
+    x = emu.from_torch(torch.randn(1, 1, 1, 8 * 32), device=mesh.device,
+                       mesh_mapper=emu.ReplicateTensorToMesh(mesh.device))
+
+    def run(k):
+        start = len(emu.ccl_calls)
+        for _ in range(k):
+            ccl.all_reduce(x)
+        return emu.ccl_calls[start:]
+
+    first = run(3)
+    assert len(emu.semaphores) == created  # nothing created per call
+    assert all(c["topology"] == topology for c in first)
+    # consecutive calls of one kind never share a semaphore (double buffering) ...
+    for kind in ("reduce_scatter_minimal_async", "all_gather_async"):
+        sems = [tuple(c["semaphores"]) for c in first if c["op"] == kind]
+        assert all(a != b for a, b in zip(sems, sems[1:])), sems
+    barriers = [c["barrier"] for c in first]
+    assert all(a != b for a, b in zip(barriers, barriers[1:]))
+    # ... and after reset() the same sequence comes back (what a captured trace replays)
+    ccl.reset()
+    again = run(3)
+    strip = lambda calls: [(c["op"], tuple(c["semaphores"]), c["barrier"]) for c in calls]  # noqa: E731
+    assert strip(again) == strip(first)
+    out = ccl.all_reduce(x)
+    torch.testing.assert_close(out.shards[0], x.shards[0] * n)
+
+
+# ---- fused decode ops ----------------------------------------------------------------------------
+def test_create_qkv_heads_decode_is_reshape_and_split():
+    nh, nkv, d = 4, 2, 16
+    x = torch.randn(1, 1, 1, (nh + 2 * nkv) * d)
+    q, k, v = xo.create_qkv_heads_decode(x, nh, nkv)
+    assert (q.shape, k.shape, v.shape) == ((1, 1, nh, d), (1, 1, nkv, d), (1, 1, nkv, d))
+    row = x.reshape(-1)
+    # head h of Q is columns [h*d, (h+1)*d) of the fused row, then K's heads, then V's
+    for h in range(nh):
+        torch.testing.assert_close(q[0, 0, h], row[h * d:(h + 1) * d])
+    for h in range(nkv):
+        torch.testing.assert_close(k[0, 0, h], row[(nh + h) * d:(nh + h + 1) * d])
+        torch.testing.assert_close(v[0, 0, h], row[(nh + nkv + h) * d:(nh + nkv + h + 1) * d])
+
+
+def test_rotary_embedding_hf_decode_equals_transformers_apply_rotary_pos_emb():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    heads, d, pos = 4, 64, 37
+    cfg = LlamaConfig(hidden_size=heads * d, num_attention_heads=heads, rope_theta=10000.0)
+    cos, sin = LlamaRotaryEmbedding(cfg)(torch.zeros(1), torch.tensor([[pos]]))  # (1, 1, d)
+    q = torch.randn(1, heads, 1, d)  # HF layout (batch, heads, seq, d)
+    k = torch.randn(1, heads, 1, d)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    # ttnn decode layout: [seq=1, batch, heads, d]; cos/sin [1, batch, 1, d]
+    c, s = cos.reshape(1, 1, 1, d), sin.reshape(1, 1, 1, d)
+    got_q = xo.rotary_hf_decode(q.permute(2, 0, 1, 3), c, s)
+    got_k = xo.rotary_hf_decode(k.permute(2, 0, 1, 3), c, s)
+    torch.testing.assert_close(got_q, want_q.permute(2, 0, 1, 3))
+    torch.testing.assert_close(got_k, want_k.permute(2, 0, 1, 3))
+
+
+def test_concat_heads_decode_is_the_inverse_reshape_padded_to_a_tile_of_rows():
+    nh, d = 4, 16
+    o = torch.randn(1, 1, nh, d)  # [S, B=1, heads, d]
+    out = xo.concat_heads_decode(o, nh)
+    assert out.shape == (1, 1, 32, nh * d)
+    torch.testing.assert_close(out[0, 0, 0], o.reshape(-1))
+    assert not out[0, 0, 1:].any()
+    # heads -> concat -> the padded view back to one row is the identity on the attention output
+    row = xo.padded_view(out, (1, 1, 1, nh * d), (1, 1, 32, nh * d))
+    torch.testing.assert_close(row, o.reshape(1, 1, 1, nh * d))
+
+
+def test_multiply_golden_applies_the_fused_silu_to_a_only():
+    a, b = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    got = ttnn.get_golden_function(ttnn.multiply)(a, b, input_tensor_a_activations=[ttnn.UnaryOpType.SILU])
+    torch.testing.assert_close(got, torch.nn.functional.silu(a) * b)
+
+
+def test_fused_decode_graph_runs_its_ops_and_gives_the_legacy_graphs_tokens(tiny_weights, tiny_policy):
+    """Default profile = fused decode graph; the legacy graph (decode_graph: legacy) and torch agree."""
+    import numpy as np
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+
+    px = tiny_policy.preprocessor((np.random.RandomState(7).rand(224, 224, 3) * 255).astype(np.uint8))
+    ids = tiny_policy.prompt_ids("stack the blocks")
+    want, _ = tiny_policy.backend.generate(px, ids, 7)
+    got = {}
+    for graph in ("fused", "legacy"):
+        emu = GoldenTTNN(2)
+        be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device="N300", tt=emu, cache_dir=None,
+                         trace=False, profile_overrides={"decode_graph": graph})
+        try:
+            assert be.describe()["decode_graph"] == graph
+            got[graph] = be.generate(px, ids, 7)[0].tolist()
+        finally:
+            be.close()
+        fused_ops = ("nlp_create_qkv_heads_decode", "rotary_embedding_hf", "nlp_concat_heads_decode")
+        ran = [emu.ops_run.get(op, 0) for op in fused_ops]
+        layers = tiny_policy.config.llm.num_hidden_layers
+        # 6 decode steps x layers: heads 1, rope 2, concat 1 per layer
+        assert ran == ([6 * layers, 12 * layers, 6 * layers] if graph == "fused" else [0, 0, 0]), (graph, ran)
+    assert got["fused"] == got["legacy"] == want.tolist()
+
+
+def test_fused_decode_step_logits_equal_the_legacy_graphs(tiny_weights, tiny_policy):
+    """Tokens are a coarse check: one decode step's full logits from the fused graph must equal
+    the legacy graph's (whose RoPE layout has its own negative control in test_ttnn_golden.py)
+    at a position past the first tile, with the same KV cache contents."""
+    import numpy as np
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+
+    px = tiny_policy.preprocessor((np.random.RandomState(3).rand(224, 224, 3) * 255).astype(np.uint8))
+    ids = tiny_policy.prompt_ids("wipe the table")
+    logits = {}
+    for graph in ("fused", "legacy"):
+        be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device="N300", tt=GoldenTTNN(2),
+                         cache_dir=None, trace=False, profile_overrides={"decode_graph": graph})
+        try:
+            tokens, _ = be.generate(px, ids, 3)  # prefill + 2 decode steps written to the KV cache
+            length = be.llm.sequence_length(len(ids), be.vision.towers[0].num_patches)
+            be.llm.set_step_inputs(int(tokens[-1]), length + 2)
+            logits[graph] = be.llm.logits_to_torch(be.llm.decode_step())
+        finally:
+            be.close()
+    scale = logits["legacy"].abs().max()
+    diff = (logits["fused"] - logits["legacy"]).abs().max()
+    assert diff <= 1e-5 * scale, diff
