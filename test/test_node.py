@@ -88,7 +88,13 @@ def test_mesh_parameter_files_select_the_mesh_and_the_spec_precision():
             assert [p.fidelity[r] for r in ("qkv", "sdpa", "wo")] == ["HiFi4"] * 3
             assert (p.dtypes["ffn"], p.fidelity["ffn"]) == ("bfloat8_b", "HiFi2")
         else:
-            assert set(p.dtypes.values()) == {"bfloat16"} and set(p.fidelity.values()) == {"HiFi4"}
+            assert set(p.dtypes.values()) == {"bfloat16"}
+            assert {r: f for r, f in p.fidelity.items() if r != "decode"} == dict.fromkeys(
+                ("vision", "projector", "qkv", "sdpa", "wo", "ffn", "lm_head"), "HiFi4")
+        # One-row DRAM-sharded decode matmuls run at HiFi2 on both meshes (issue 12, as
+        # tt_transformers does: HiFi4 makes them compute-bound on their 12 reader cores);
+        # prefill keeps the spec's fidelities above. `fidelity.decode: HiFi4` restores the spec.
+        assert p.fidelity["decode"] == "HiFi2"
         assert p.dtypes["lm_head"] == "bfloat16"
 
 
