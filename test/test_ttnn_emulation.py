@@ -231,3 +231,65 @@ def test_fused_decode_step_logits_equal_the_legacy_graphs(tiny_weights, tiny_pol
     scale = logits["legacy"].abs().max()
     diff = (logits["fused"] - logits["legacy"]).abs().max()
     assert diff <= 1e-5 * scale, diff
+
+
+# ---- device-side feedback of the decode steps (one trace per action) -----------------------------
+def _ids_tensor(emu, values, dtype):
+    t = torch.tensor(values, dtype=torch.int32)
+    return emu.from_torch(t, dtype=dtype, layout=ttnn.ROW_MAJOR_LAYOUT, device=object(),
+                          mesh_mapper=emu.ReplicateTensorToMesh(emu.open_mesh_device((1, 1))))
+
+
+def test_argmax_into_a_preallocated_output_tensor_equals_torch_argmax():
+    """ttnn.argmax(..., output_tensor=buf) writes its result into buf (its golden ignores
+    output_tensor): the emulation must leave torch.argmax's index in buf on every chip, return
+    buf itself, and refuse a buffer of another shape, as the device op does."""
+    emu = GoldenTTNN(2)
+    mesh = emu.open_mesh_device((1, 1))
+    logits = torch.randn(1, 1, 1, 97, generator=torch.Generator().manual_seed(4))
+    x = emu.from_torch(logits, dtype=ttnn.bfloat16, device=mesh, mesh_mapper=emu.ReplicateTensorToMesh(mesh))
+    buf = _ids_tensor(emu, [[[0]]], ttnn.uint32)
+    shard = buf.shards[0]
+    out = emu.argmax(x, dim=3, output_tensor=buf)
+    assert out is buf and buf.shards[0] is shard  # written in place, same buffer
+    assert int(buf.shards[0].reshape(-1)[0]) == int(torch.argmax(logits, dim=3).reshape(-1)[0])
+    with pytest.raises(ValueError, match="output_tensor"):
+        emu.argmax(x, dim=3, output_tensor=_ids_tensor(emu, [[0]], ttnn.uint32))
+
+
+def test_plus_one_increments_position_tensors_in_place_like_torch():
+    """ttnn.plus_one increments its input in place (tt-metal's test_plus_one.py reads the input
+    tensor back after the call): both position tensors of the decode, int32 (1,) and uint32 (1, 1)."""
+    emu = GoldenTTNN(1)
+    for values, dtype in (([287], ttnn.int32), ([[287]], ttnn.uint32)):
+        t = _ids_tensor(emu, values, dtype)
+        before = t.shards[0].clone()
+        emu.plus_one(t)
+        emu.plus_one(t)
+        torch.testing.assert_close(t.shards[0], before + 2)
+
+
+def test_emulated_trace_replays_on_the_captured_buffers_and_refuses_host_transfers():
+    """TracingGoldenTTNN: a replay re-runs the recorded ops on the SAME tensors (an input changed
+    in place after capture is seen; a position advanced in the trace keeps advancing), results
+    land in the captured result objects, and a host transfer inside a capture raises."""
+    from ttnn_golden.trace import TracingGoldenTTNN
+
+    emu = TracingGoldenTTNN(2)
+    mesh = emu.open_mesh_device((1, 1))
+    rep = emu.ReplicateTensorToMesh(mesh)
+    a = emu.from_torch(torch.ones(1, 1, 1, 8), dtype=ttnn.bfloat16, device=mesh, mesh_mapper=rep)
+    pos = _ids_tensor(emu, [5], ttnn.int32)
+    tid = emu.begin_trace_capture(mesh)
+    out = emu.add(a, a)
+    emu.plus_one(pos)
+    emu.end_trace_capture(mesh, tid)
+    emu.copy_host_to_device_tensor(emu.from_torch(torch.full((1, 1, 1, 8), 3.0), mesh_mapper=rep), a)
+    emu.execute_trace(mesh, tid)
+    for s in out.shards:
+        torch.testing.assert_close(s, torch.full((1, 1, 1, 8), 6.0))
+    assert int(pos.shards[0][0]) == 7  # once while capturing (the emulator runs what it records) + replay
+    tid2 = emu.begin_trace_capture(mesh)
+    with pytest.raises(RuntimeError, match="host transfer"):
+        emu.to_torch(emu.get_device_tensors(out)[0])
+    emu.end_trace_capture(mesh, tid2)

@@ -201,3 +201,37 @@ def test_golden_detects_the_interleaved_rope_layout(tiny_weights, tiny_policy, m
         be.close()
     assert pccs["projector"] >= PCC_MIN  # vision is untouched
     assert pccs["decoder_layer0"] < 0.999, pccs
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_golden_one_trace_per_action_gives_torch_tokens_with_one_read(tiny_weights, tiny_policy, mesh):
+    """All decode steps of an action as ONE trace (TracingGoldenTTNN replays the recorded ops on
+    the captured tensors, and refuses host transfers while capturing): the first action runs the
+    steps op by op and captures them, the next actions replay the trace. Every action's 7 tokens
+    equal the torch backend's, and a replayed action's host traffic is the image, the prompt ids
+    and the decode start position in, the tokens out in ONE read."""
+    from ttnn_golden.trace import TracingGoldenTTNN
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+
+    emu = TracingGoldenTTNN(MESHES[mesh])
+    be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device=mesh, tt=emu, cache_dir=None,
+                     trace=True)
+    try:
+        for i, instruction in enumerate(INSTRUCTIONS):
+            px = tiny_policy.preprocessor(_rgb(20 + i))
+            ids = tiny_policy.prompt_ids(instruction)
+            want, _ = tiny_policy.backend.generate(px, ids, 7)
+            before = dict(emu.host_io)
+            got, _ = be.generate(px, ids, 7)
+            assert got.tolist() == want.tolist(), f"{mesh} action {i}: ttnn {got.tolist()} vs torch {want.tolist()}"
+            assert len(emu.traces) == 1 and emu.replays == i, (emu.traces.keys(), emu.replays)
+            if i:  # a replayed action: 2 towers' patches + BOS + the other ids + 2 position writes; 1 read
+                io = {k: emu.host_io[k] - before[k] for k in before}
+                assert io == {"write": 6, "read": 1}, io
+        ops = [name for name, *_ in next(iter(emu.traces.values()))]
+        assert ops.count("argmax") == 6 and ops.count("plus_one") == 12 and ops[-1] == "concat", ops[-3:]
+    finally:
+        be.close()
+    assert not emu.traces  # released on close

@@ -269,12 +269,26 @@ class GoldenTTNN:
     reshape = _op("reshape", "reshape")
     permute = _op("permute", "permute")
     slice = _op("slice", "slice")
-    argmax = _op("argmax", "argmax")
+    _argmax = _op("argmax", "argmax")
+    plus_one = _op("plus_one", "plus_one")  # ttnn's golden increments its input IN PLACE, as the device op
     fill_cache = _op("fill_cache", "fill_cache")  # in place on each chip's cache shard
     _transformer_scaled_dot_product_attention = _op("sdpa", "transformer.scaled_dot_product_attention")
     _transformer_scaled_dot_product_attention_decode = _op(
         "sdpa_decode", "transformer.scaled_dot_product_attention_decode")
     del _op
+
+    def argmax(self, t, *args, output_tensor=None, **kwargs):
+        """ttnn.argmax; its golden ignores `output_tensor` ("Preallocated output (must be UINT32,
+        ROW_MAJOR, INTERLEAVED, same device)", ttnn 0.81.1 docstring): the result is written into
+        it here, shard by shard, and it is returned (the device op writes that buffer)."""
+        out = self._argmax(t, *args, **kwargs)
+        if output_tensor is None:
+            return out
+        for o, d in zip(out.shards, output_tensor.shards, strict=True):
+            if tuple(o.shape) != tuple(d.shape):
+                raise ValueError(f"argmax output_tensor of shape {tuple(d.shape)}, result {tuple(o.shape)}")
+            d.copy_(o)
+        return output_tensor
 
     def _experimental_paged_update_cache(self, cache, update, update_idxs_tensor=None, **kwargs):
         """No golden exists for paged_update_cache: it is update_cache's golden with the decode

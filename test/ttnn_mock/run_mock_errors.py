@@ -48,7 +48,7 @@ def main() -> int:
 
     backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device="N300", cache_dir=None, trace=False)
 
-    def dies():
+    def dies(*_, **__):
         raise RuntimeError("simulated: device stopped responding")
 
     backend.llm.decode_step = dies

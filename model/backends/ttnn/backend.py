@@ -51,15 +51,16 @@ class TtnnBackend:
         """mesh_device: N300 | T3K | auto. precision: the ROS node's precision.* parameters.
         profile_overrides: keys of config/ttnn/<MESH>.yaml (e.g. {"decode_matmul": "dram_sharded"}).
         cache_dir: converted-weight cache ("auto": keyed by checkpoint + mesh + dtypes; None: off).
-        trace: capture the decode step (default: the profile's trace_decode, never on mock devices).
+        trace: capture all decode steps of an action as one trace (default: the profile's trace_decode,
+        never on mock devices: their trace capture crashes).
         tt: the ttnn module, or a stand-in with the same names (the golden-function tests)."""
         start = time.perf_counter()
         self.config = config
         self.tt = tt if tt is not None else import_ttnn()
         self.mesh = None
         self._dead: str | None = None
-        self._trace_id = None
-        self._trace_out = None
+        self._traces: dict = {}  # decode steps per action -> (trace id, tokens tensor)
+        self.profile_stages = False  # True: synchronise after each stage (per-stage timings)
         overrides = {**(profile_overrides or {}), **overrides_from_node_precision(precision)}
 
         def profile_loader(name):
@@ -133,26 +134,36 @@ class TtnnBackend:
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int):
+        """One action. Host traffic: the image and the prompt ids (+ the decode start position,
+        2 x 4 B) in, the num_tokens ids out in ONE read at the end; between stages nothing is
+        written, read or synchronised (argmax feeds the next step on the device, llm.py).
+
+        timings_ms: with profile_stages False (the timed path) the stages are only enqueued, so
+        vision / projector / prefill are host dispatch times and "decode" runs until the tokens
+        are back (their sum is the action's wall time); with profile_stages True every stage is
+        followed by synchronize_device and each entry is that stage's own time."""
         self._guard()
         llm, clock, t = self.llm, time.perf_counter, {}
+        sync = self._sync if self.profile_stages else (lambda: None)
         stage = "vision"
         try:
             t0 = clock()
             feats = self.vision(pixel_values)
-            self._sync(); t1 = clock()
+            sync(); t1 = clock()
             stage = "projector"
             projected = self.projector(feats)
-            self._sync(); t2 = clock()
+            sync(); t2 = clock()
             stage = "prefill"
             x, length = llm.embed_sequence(input_ids, projected, num_tokens)
-            tokens = [llm.read_token(llm.next_token(llm.prefill(x, length)))]
-            t3 = clock()
+            llm.set_decode_start(length)
+            llm.prefill_token(llm.prefill(x, length), num_tokens)
+            sync(); t3 = clock()
             stage = "decode"
-            for i in range(num_tokens - 1):
-                tokens.append(self._decode_one(tokens[-1], length + i))
+            tokens = llm.read_tokens(self._decode(num_tokens))
             t4 = clock()
-            if self.trace and self._trace_id is None and num_tokens > 1:
-                self._capture_decode_trace(tokens[-1], length)
+            steps = num_tokens - 1
+            if self.trace and steps > 0 and steps not in self._traces:
+                self._capture_decode_trace(num_tokens, length)
         except OpenVLAError:
             raise
         except Exception as e:
@@ -160,28 +171,31 @@ class TtnnBackend:
         t.update(vision=(t1 - t0) * 1e3, projector=(t2 - t1) * 1e3, prefill=(t3 - t2) * 1e3, decode=(t4 - t3) * 1e3)
         return np.asarray(tokens, dtype=np.int64), t
 
-    def _decode_one(self, token: int, pos: int) -> int:
-        llm = self.llm
-        llm.set_step_inputs(token, pos)
-        if self._trace_id is not None:
-            self.tt.execute_trace(self.mesh.device, self._trace_id, cq_id=0, blocking=False)
-            return llm.read_token(self._trace_out)
-        return llm.read_token(llm.next_token(llm.decode_step()))
+    def _decode(self, num_tokens: int):
+        """Tokens 2..num_tokens: the captured trace replayed when there is one, else the same
+        llm.decode_steps run op by op. Returns the device tensor of all num_tokens ids."""
+        traced = self._traces.get(num_tokens - 1)
+        if traced is not None:
+            tid, out = traced
+            self.tt.execute_trace(self.mesh.device, tid, cq_id=0, blocking=False)
+            return out
+        return self.llm.decode_steps(num_tokens)
 
-    def _capture_decode_trace(self, token: int, pos: int):
-        """After a warm-up call (every decode op compiled), record one decode step as a trace:
-        later steps replay it with only the token id and position written from the host."""
+    def _capture_decode_trace(self, num_tokens: int, length: int):
+        """After a warm-up call (every decode op compiled, every token buffer allocated), record
+        ALL the decode steps of an action as one trace: a replay reads token 1 and the start
+        position from their device tensors and leaves the tokens in the returned tensor."""
         tt, dev = self.tt, self.mesh.device
-        self.llm.set_step_inputs(token, pos)
+        self.llm.set_decode_start(length)  # capture records commands; nothing runs until replay
         # The trace records the semaphores its collectives use: start from a known point of the cycle.
         self.llm.ccl.reset()
         tid = tt.begin_trace_capture(dev, cq_id=0)
         try:
-            out = self.llm.next_token(self.llm.decode_step())
+            out = self.llm.decode_steps(num_tokens)
         finally:
             tt.end_trace_capture(dev, tid, cq_id=0)
-        self._trace_id, self._trace_out = tid, out
-        log.info("decode step captured as trace %s", tid)
+        self._traces[num_tokens - 1] = (tid, out)
+        log.info("%d decode steps captured as trace %s", num_tokens - 1, tid)
 
     # ---- per-stage outputs (tests, PCC checks) ---------------------------------------------------
     @torch.inference_mode()
@@ -202,10 +216,12 @@ class TtnnBackend:
     def close(self):
         if self.mesh is None:
             return
-        if self._trace_id is not None and self.mesh.device is not None:
+        for tid, _ in self._traces.values():
+            if self.mesh.device is None:
+                break
             try:
-                self.tt.release_trace(self.mesh.device, self._trace_id)
+                self.tt.release_trace(self.mesh.device, tid)
             except Exception as e:
                 log.warning("releasing the decode trace failed: %s", e)
-            self._trace_id = None
+        self._traces = {}
         self.mesh.close()

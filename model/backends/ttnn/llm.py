@@ -3,8 +3,14 @@ norm, LM head sharded over the vocabulary, greedy next token chosen on the devic
 
 Sequence (openvla-spec.md section 4): [emb(BOS), 256 projected patches, emb(ids[1:])], positions
 0..L-1; prefill gives action token 1 (it is kept: the seed's one-token shift is defect 1),
-decode steps at positions L, L+1, ... give tokens 2..7. The decode step reads only device
-tensors (token id, position) so it can be captured once as a trace and replayed.
+decode steps at positions L, L+1, ... give tokens 2..7.
+
+Device-side feedback (`decode_steps`): the prefill's argmax writes token 1 into a preallocated
+device tensor (`token_bufs[0]`, argmax's `output_tensor`); decode step k embeds `token_bufs[k]`,
+writes its argmax into `token_bufs[k + 1]` and advances both position tensors on the device
+(`ttnn.plus_one`, in place). The 7 tokens are concatenated on the device and read back once. The
+same `decode_steps` runs untraced (emulator, mock devices, warm-up) and is what the backend
+captures as ONE trace per action: the trace reads and writes only those fixed device tensors.
 """
 from __future__ import annotations
 
@@ -17,6 +23,9 @@ from .ccl import CCL
 from .decoder import DecoderLayer
 from .linear import Linear
 from .weights import TILE, as_row, pad_dim, round_up
+
+
+ACTION_TOKENS = 7  # token buffers allocated with the model (an action's 7 tokens; more grow on demand)
 
 
 class LLM:
@@ -65,6 +74,17 @@ class LLM:
         self.step_pos = tt.from_torch(torch.zeros(1, dtype=torch.int32), dtype=tt.int32, device=mesh.device,
                                       mesh_mapper=rep)
         self.step_pos_rows = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
+        # Device-side feedback: token k of the action lives in token_bufs[k] (argmax's output
+        # shape, (1, 1, 1) uint32 row-major); allocated once, so a captured trace can address them.
+        # Allocated here (not on first use: the first action is the one a trace is captured from).
+        self.token_bufs: list = []
+        self._token_buffers(ACTION_TOKENS)
+
+    def _token_buffers(self, count: int) -> list:
+        while len(self.token_bufs) < count:
+            self.token_bufs.append(self._host_ids(np.zeros((1, 1, 1), np.int64),
+                                                  self.tt.ReplicateTensorToMesh(self.mesh.device), device=True))
+        return self.token_bufs[:count]
 
     # ---- helpers -----------------------------------------------------------------------------
     def _host_ids(self, ids: np.ndarray, mapper, device: bool = False):
@@ -128,21 +148,23 @@ class LLM:
         last = self.tt.slice(x, [0, 0, length - 1, 0], [1, 1, length, self.hidden])
         return self._head(last)
 
-    def decode_step(self):
-        """One token at the position in self.step_pos: reads only the step_* device tensors."""
+    def decode_step(self, token=None):
+        """One token at the position in self.step_pos: reads only device tensors (`token`, a
+        (1, 1, 1) argmax output, or by default step_token (1, 1); the step_pos* tensors)."""
+        token = self.step_token if token is None else self.tt.reshape(token, (1, 1))
         if self.fused:
-            return self._decode_step_fused()
+            return self._decode_step_fused(token)
         tt = self.tt
-        x = tt.reshape(tt.embedding(self.step_token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
         cos, sin = self.rope.decode_tables(self.step_pos_rows)
         for layer in self.layers:
             x = layer.decode(x, self.step_pos, cos, sin)
         return self._head(x)
 
-    def _decode_step_fused(self):
+    def _decode_step_fused(self, token):
         """tt_transformers' decode graph: the residual stays width-sharded in L1 (decoder.py)."""
         tt, mem = self.tt, self.residual_memcfg
-        x = tt.reshape(tt.embedding(self.step_token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
         x = tt.to_memory_config(x, mem)
         cos, sin = self.rope.decode_tables_sharded(self.step_pos_rows, self.layers[0].attention.update_memcfg)
         for layer in self.layers:
@@ -151,12 +173,54 @@ class LLM:
                         compute_kernel_config=self.norm_compute)
         return tt.sharded_to_interleaved(self.lm_head.decode_sharded(x, tt.bfloat16), tt.L1_MEMORY_CONFIG)
 
-    def next_token(self, logits):
-        """Greedy argmax over all real vocabulary entries (padding columns excluded), on the mesh."""
+    def next_token(self, logits, out=None):
+        """Greedy argmax over all real vocabulary entries (padding columns excluded), on the mesh;
+        written into `out` (a preallocated (1, 1, 1) uint32 tensor) when given."""
         tt = self.tt
         logits = self.ccl.all_gather(logits, dim=3)
         logits = tt.slice(logits, [0, 0, 0, 0], [1, 1, 1, self.vocab])
-        return tt.argmax(logits, dim=3)
+        if out is None:
+            return tt.argmax(logits, dim=3)
+        return tt.argmax(logits, dim=3, output_tensor=out)
+
+    # ---- device-side feedback: the decode steps of one action ----------------------------------
+    def prefill_token(self, logits, num_tokens: int):
+        """Token 1 (the prefill's argmax) into token_bufs[0], on the device."""
+        return self.next_token(logits, out=self._token_buffers(num_tokens)[0])
+
+    def feedback_step(self, k: int):
+        """Decode step k (0-based): embeds token_bufs[k] at position step_pos, writes its argmax into
+        token_bufs[k + 1], then advances step_pos and step_pos_rows by one on the device."""
+        bufs = self._token_buffers(k + 2)
+        self.next_token(self.decode_step(bufs[k]), out=bufs[k + 1])
+        self.tt.plus_one(self.step_pos)
+        self.tt.plus_one(self.step_pos_rows)
+
+    def gather_tokens(self, num_tokens: int):
+        """The action's tokens as one (1, num_tokens, 1) device tensor (one read for all of them)."""
+        bufs = self._token_buffers(num_tokens)
+        return bufs[0] if num_tokens == 1 else self.tt.concat(bufs, dim=1)
+
+    def decode_steps(self, num_tokens: int):
+        """Tokens 2..num_tokens with device-side feedback; no host transfer. Returns
+        gather_tokens(num_tokens). THE function the backend captures as one trace."""
+        for k in range(num_tokens - 1):
+            self.feedback_step(k)
+        return self.gather_tokens(num_tokens)
+
+    def set_decode_start(self, pos: int):
+        """Position of decode step 0 (= the sequence length L): two 4-byte writes, made with the
+        prompt ids before any decode op runs."""
+        tt = self.tt
+        rep = tt.ReplicateTensorToMesh(self.mesh.device)
+        tt.copy_host_to_device_tensor(self._host_ids(np.array([[pos]]), rep), self.step_pos_rows)
+        tt.copy_host_to_device_tensor(
+            tt.from_torch(torch.tensor([pos], dtype=torch.int32), dtype=tt.int32, mesh_mapper=rep), self.step_pos)
+
+    def read_tokens(self, tokens_tensor) -> list:
+        """gather_tokens' tensor -> the ids, from chip 0 (one blocking read)."""
+        tt = self.tt
+        return [int(v) for v in tt.to_torch(tt.get_device_tensors(tokens_tensor)[0]).reshape(-1)]
 
     def set_step_inputs(self, token: int, pos: int):
         tt = self.tt

@@ -98,7 +98,7 @@ def open_mesh(tt, name: str | None, profile_loader, device_options: dict | None 
         tt.set_fabric_config(fabric_config(tt, mesh_name))
         device = tt.open_mesh_device(
             mesh_shape=tt.MeshShape(*shape),
-            trace_region_size=int(opts.get("trace_region_size", 60_000_000)),
+            trace_region_size=int(opts.get("trace_region_size", 200_000_000)),
             num_command_queues=int(opts.get("num_command_queues", 1)),
             l1_small_size=int(opts.get("l1_small_size", 81920)),
         )

@@ -11,16 +11,20 @@ What it does
    `ttnn.empty` with the per-chip shape, dtype, layout and memory config the store would give
    the tensor (mock chips hold no data anyway; converting 7.5 B zeros takes minutes). Every op
    of vision, projector, prefill and decode is the production code, unchanged.
-3. Runs one `generate()` (7 tokens) under `ttnn.graph` capture. Stage and decoder-layer
-   boundaries are marked with `ttnn.graph.track_function_start/end` scopes around the
-   backend's own methods, so every `*DeviceOperation` node of the call trace is attributed to a
-   stage (vision, projector, prefill, decode step k) and, in the LM, to a decoder layer.
+3. Runs one `generate()` (7 tokens) under `ttnn.graph` capture, on the timed path (no
+   synchronize_device between stages; the decode steps with device-side feedback, exactly the op
+   sequence the backend captures as one trace per action: mock devices cannot capture traces,
+   so it runs untraced). Stage and decoder-layer boundaries are marked with
+   `ttnn.graph.track_function_start/end` scopes around the backend's own methods, so every
+   `*DeviceOperation` node of the call trace is attributed to a stage (vision, projector,
+   prefill, decode step k, tokens: the final gather and read) and, in the LM, to a decoder layer.
 4. Counts per stage: device ops, ops per decoder layer, collective launches (reduce-scatter /
    all-gather / all-reduce device ops), weight and KV-cache bytes read per chip (input tensors
    of each device op whose DRAM buffer is a weight or a KV cache; SDPA-decode reads KV rows
    0..p only), host<->device transfers (Tensor::to_device from a host tensor,
    copy_host_to_device_tensor, Tensor::cpu; uploads made INSIDE a device op, e.g. reshape's
-   index table, are listed apart) and the `synchronize_device` calls between stages.
+   index table, are listed apart) and the `synchronize_device` calls between stages; and the
+   host transfers of the whole action (all stages, all decode steps).
 5. Models the time of each stage with COST_MODEL (below) and prints a table plus the line
    `decode ops per decoder layer: N`.
 
@@ -54,7 +58,8 @@ MOCK_DIR = REPO_ROOT / "test" / "ttnn_mock"
 MESHES = {"N300": 2, "T3K": 8}
 FULL_LLM_LAYERS = 32
 DECODE_STEPS = 6  # tokens 2..7 of an action
-STAGES = ("vision", "projector", "prefill", "decode")
+# "tokens": the action's tokens gathered on the device (1 op) and read back once, after the decode
+STAGES = ("vision", "projector", "prefill", "decode", "tokens")
 MARK = "openvla::"
 
 # ---- cost model --------------------------------------------------------------------------------
@@ -392,26 +397,19 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
         vision = backend.vision
         backend.vision = _scoped(ttnn, "stage=vision", backend.vision)
         backend.projector = _scoped(ttnn, "stage=projector", backend.projector)
-        for name in ("embed_sequence", "prefill"):
+        for name in ("embed_sequence", "set_decode_start", "prefill", "prefill_token"):
             setattr(llm, name, _scoped(ttnn, "stage=prefill", getattr(llm, name)))
-        orig_decode_one = backend._decode_one
+        orig_step = llm.feedback_step
 
-        def decode_one(token, pos):
-            state["step"] += 1
-            return _scoped(ttnn, f"stage=decode#{state['step']}", orig_decode_one)(token, pos)
-        backend._decode_one = decode_one
-        # next_token / read_token of the prefill run outside those scopes: give them the prefill's.
-        for name in ("next_token", "read_token"):
-            orig = getattr(llm, name)
-
-            def in_stage(*a, _orig=orig, **k):
-                if state["step"] == 0:
-                    return _scoped(ttnn, "stage=prefill", _orig)(*a, **k)
-                return _orig(*a, **k)
-            setattr(llm, name, in_stage)
+        def feedback_step(k):
+            state["step"] = k + 1
+            return _scoped(ttnn, f"stage=decode#{k + 1}", orig_step)(k)
+        llm.feedback_step = feedback_step
+        for name in ("gather_tokens", "read_tokens"):
+            setattr(llm, name, _scoped(ttnn, "stage=tokens", getattr(llm, name)))
         syncs = Counter()
         orig_sync = backend._sync
-        stage_of_sync = iter(["vision", "projector"] + ["other"] * 100)
+        stage_of_sync = iter(["vision", "projector", "prefill"] + ["other"] * 100)
 
         def sync():
             syncs[next(stage_of_sync)] += 1
@@ -437,7 +435,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
             "profile": {"dtypes": backend.profile.dtypes, "fidelity": backend.profile.fidelity,
                         "decode_matmul": backend.profile.decode_matmul, "source": backend.profile.source},
             "load_s": round(load_s, 1), "generate_s": round(gen_s, 1), "graph_nodes": len(graph),
-            "syncs": dict(syncs),
+            "syncs": dict(syncs), "decode_steps_run": state["step"],
         }
     finally:
         backend.close()
@@ -569,7 +567,17 @@ def summarise(raw: dict) -> dict:
             per_layer_kv[st][o["layer"]] += kb
             per_layer_parts[st][kind] += us - COST_MODEL["per_op_us"]
             per_layer_parts[st]["per-op"] += COST_MODEL["per_op_us"]
+    action_io = {"h2d": 0, "h2d_bytes": 0.0, "d2h": 0, "d2h_bytes": 0.0, "by_stage": Counter(),
+                 "inside_ops": 0, "outside_stages": 0}
     for kind, st, step, nbytes, internal in raw["transfers"]:
+        if internal:
+            action_io["inside_ops"] += 1
+        elif st not in stages:
+            action_io["outside_stages"] += 1
+        else:  # every stage and every decode step: the host traffic of one whole action
+            action_io[kind] += 1
+            action_io[kind + "_bytes"] += nbytes
+            action_io["by_stage"][f"{kind} {st}"] += 1
         if st not in stages or (st == "decode" and step != first_step):
             continue
         c = stages[st]
@@ -635,7 +643,8 @@ def summarise(raw: dict) -> dict:
     return {"info": info, "stages": stages, "decode_ops_per_layer": decode_layer_ops,
             "prefill_ops_per_layer": scale["prefill"][0] if scale["prefill"] else 0,
             "decode_collectives_per_layer": per_layer_coll["decode"].get(0, 0),
-            "notes": notes, "kv_fraction": kv_fraction}
+            "notes": notes, "kv_fraction": kv_fraction, "action_io": action_io,
+            "syncs_per_action": sum(info["syncs"].values())}
 
 
 def _vision_block_costs(raw, weights, kv, fidelity, kv_fraction, n_dev) -> list:
@@ -668,7 +677,7 @@ def _vision_block_costs(raw, weights, kv, fidelity, kv_fraction, n_dev) -> list:
 def action_model(summary: dict) -> dict:
     st = summary["stages"]
     ms = {s: st[s].modelled_us / 1e3 for s in STAGES}
-    total = ms["vision"] + ms["projector"] + ms["prefill"] + DECODE_STEPS * ms["decode"]
+    total = ms["vision"] + ms["projector"] + ms["prefill"] + DECODE_STEPS * ms["decode"] + ms["tokens"]
     return {"stage_ms": ms, "action_ms": total, "actions_per_s": 1e3 / total}
 
 
@@ -685,11 +694,11 @@ def levers(summary: dict) -> list:
     coll_now = dec.collectives
     ops_new = layers * TT_TRANSFORMERS_LAYER["ops"] + TT_TRANSFORMERS_FIXED["ops"]
     coll_new = layers * TT_TRANSFORMERS_LAYER["collectives"] + TT_TRANSFORMERS_FIXED["collectives"]
+    # host traffic of a decode step (0 with device-side feedback: one trace per action)
     d_dec = ((ops_new - ops_now) * COST_MODEL["per_op_us"] + (coll_new - coll_now) * COST_MODEL["collective_us"]
-             - dec.time_parts.get("host", 0) + 1 * COST_MODEL["host_read_us"] / DECODE_STEPS) / 1e3
-    # one trace per action: inputs written once, tokens read once (host cost spread over 6 steps)
+             - dec.time_parts.get("host", 0)) / 1e3
     dec_ms = base["stage_ms"]["decode"] + d_dec
-    rows.append(("tt_transformers decode graph (24 ops + 4 async CCL / layer) + one trace per action", dec_ms))
+    rows.append(("tt_transformers decode graph (24 ops + 4 async CCL / layer), one trace per action", dec_ms))
     # (2) + HiFi2 on the DRAM-sharded decode matmuls and BFP8 attention weights
     ffn_b = BYTES_PER_ELEMENT[info["profile"]["dtypes"]["ffn"].upper()]
     att_b = BYTES_PER_ELEMENT[info["profile"]["dtypes"]["wqkv"].upper()]
@@ -705,13 +714,14 @@ def levers(summary: dict) -> list:
     # as 2x here too: DINOv2 and SigLIP are of similar size and the split is not modelled finer)
     vision_split = base["stage_ms"]["vision"] / 2
     for label, d in rows:
-        total = vision_split + base["stage_ms"]["projector"] + base["stage_ms"]["prefill"] + DECODE_STEPS * d
+        total = (vision_split + base["stage_ms"]["projector"] + base["stage_ms"]["prefill"] + DECODE_STEPS * d
+                 + base["stage_ms"]["tokens"])
         out.append({"lever": label + ", vision towers on different chips", "decode_step_ms": round(d, 2),
                     "action_ms": round(total, 1), "actions_per_s": round(1e3 / total, 2)})
     # Upper bound: the 6 sequential decode steps replaced by ONE 7-row pass (a verified draft of the
     # 6 tokens, accepted every time); bandwidth-bound, so about one decode step.
     d = rows[-1][1]
-    total = vision_split + base["stage_ms"]["projector"] + base["stage_ms"]["prefill"] + d
+    total = vision_split + base["stage_ms"]["projector"] + base["stage_ms"]["prefill"] + d + base["stage_ms"]["tokens"]
     out.append({"lever": "all of the above + the 6 decode steps as one verified 7-token pass (upper bound: "
                          "every draft accepted)", "decode_step_ms": round(d, 2), "action_ms": round(total, 1),
                 "actions_per_s": round(1e3 / total, 2)})
@@ -719,6 +729,13 @@ def levers(summary: dict) -> list:
 
 
 # ---- presentation -----------------------------------------------------------------------------
+def _action_io_line(summary: dict) -> str:
+    io = summary["action_io"]
+    where = ", ".join(f"{n} {k}" for k, n in sorted(io["by_stage"].items()))
+    return (f"host transfers per action: {io['h2d']} writes ({io['h2d_bytes'] / 1e3:.1f} kB), {io['d2h']} reads "
+            f"({io['d2h_bytes']:.0f} B) [{where}]; synchronize_device calls: {summary['syncs_per_action']}")
+
+
 def format_report(summary: dict) -> str:
     info, st = summary["info"], summary["stages"]
     act = action_model(summary)
@@ -738,7 +755,7 @@ def format_report(summary: dict) -> str:
     per_layer = {"prefill": summary["prefill_ops_per_layer"], "decode": summary["decode_ops_per_layer"]}
     for s in STAGES:
         c = st[s]
-        label = "decode (one step)" if s == "decode" else s
+        label = {"decode": "decode (one step)", "tokens": "tokens (gather + one read)"}.get(s, s)
         writes = f"{c.h2d} ({c.h2d_bytes / 1e3:.1f} kB)" + (f" + {c.op_internal_uploads} inside ops"
                                                            if c.op_internal_uploads else "")
         lines.append(f"| {label} | {c.device_ops} | {per_layer.get(s, '-')} | {c.collectives} | "
@@ -748,7 +765,8 @@ def format_report(summary: dict) -> str:
         "",
         f"decode ops per decoder layer: {summary['decode_ops_per_layer']}",
         f"decode collective launches per decoder layer: {summary['decode_collectives_per_layer']}",
-        f"one action (vision + projector + prefill + {DECODE_STEPS} x decode): {act['action_ms']:.1f} ms "
+        _action_io_line(summary),
+        f"one action (vision + projector + prefill + {DECODE_STEPS} x decode + tokens): {act['action_ms']:.1f} ms "
         f"-> {act['actions_per_s']:.2f} actions/s (modelled)",
     ]
     d = st["decode"]
@@ -786,6 +804,7 @@ def format_report(summary: dict) -> str:
 
 def to_json(summary: dict) -> dict:
     out = {k: v for k, v in summary.items() if k != "stages"}
+    out["action_io"] = {**summary["action_io"], "by_stage": dict(summary["action_io"]["by_stage"])}
     out["stages"] = {s: {**{k: v for k, v in c.__dict__.items() if k not in ("by_op", "time_parts")},
                          "by_op": dict(c.by_op), "time_parts": dict(c.time_parts)}
                      for s, c in summary["stages"].items()}
