@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .action_codec import ActionCodec
 from .backends import create_backend
 from .checkpoint import Checkpoint
 from .config import OpenVLAConfig, load_config
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OpenVLAError
 from .preprocess import Preprocessor
 from .prompt import PromptTokenizer
 from .speculative import sanitize_draft
@@ -27,6 +28,30 @@ from .speculative import sanitize_draft
 log = logging.getLogger("openvla_model")
 
 STAGES = ("preprocess", "vision", "projector", "prefill", "decode", "total")
+
+
+class BatchItem(NamedTuple):
+    """One item of predict_batch; a plain (rgb, instruction[, unnorm_key[, draft]]) tuple works too."""
+
+    rgb: np.ndarray
+    instruction: str
+    unnorm_key: str | None = None
+    draft: object = None
+
+
+def _as_item(item) -> BatchItem:
+    if isinstance(item, BatchItem):
+        return item
+    if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 4:
+        raise InputError("a batch item must be (rgb, instruction[, unnorm_key[, draft]]), got "
+                         f"{type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    return BatchItem(*item)
+
+
+def _cat_pixels(pixels: list):
+    import torch
+
+    return pixels[0] if len(pixels) == 1 else torch.cat(pixels, dim=0)
 
 
 @dataclass
@@ -112,27 +137,75 @@ class OpenVLAPolicy:
         """One action. draft: the tokens this action is expected to start with (usually the
         stream's previous action, see speculative.DraftState); verified in the prefill when the
         policy is speculative, so the tokens are always those of plain greedy decoding and
-        result.accepted says how many drafts were right. A bad draft is ignored, never raised."""
+        result.accepted says how many drafts were right. A bad draft is ignored, never raised.
+        A batch of one through predict_batch; a bad image, instruction or unnorm_key raises its
+        OpenVLAError (InputError, UnnormKeyError)."""
+        outcome = self.predict_batch([BatchItem(rgb, instruction, unnorm_key, draft)])[0]
+        if isinstance(outcome, OpenVLAError):
+            raise outcome
+        return outcome
+
+    def predict_batch(self, items) -> list:
+        """Actions for several (rgb, instruction, unnorm_key, draft) items in one batch: one
+        preprocessing each, then one backend call for all the good items (batched vision,
+        prefill and decode on a backend with generate_batch; per-item generate calls on one
+        without, e.g. the CUDA fast path and TT-NN today).
+
+        items: BatchItem or plain tuples (rgb, instruction[, unnorm_key[, draft]]).
+        Returns one outcome per item, in order: its ActionResult, or the OpenVLAError that item
+        failed its own checks with (bad image, bad instruction, prompt too long, unknown or
+        missing unnorm_key), returned, not raised. A bad item never changes the others' actions:
+        each good item's tokens are exactly those predict() gives it alone. A bad draft is
+        ignored (as in predict). Errors that are not the item's fault (a backend failure) raise
+        for the whole batch. timings_ms: "preprocess" is the item's own; the model stages are
+        those of the one batched backend call (of the item's own generate call on a backend
+        without generate_batch); "total" is the item's preprocessing plus the backend time until
+        its result was decoded. accepted is per item."""
         clock = time.perf_counter
-        t0 = clock()
-        key = self.codec.resolve_key(unnorm_key if unnorm_key else self.default_unnorm_key)
-        ids = self.prompt_ids(instruction)
-        pixels = self.preprocessor(rgb)
-        drafts = self._usable_draft(draft)
+        items = list(items)
+        outcomes: list = [None] * len(items)
+        good = []  # (index, instruction, key, ids, pixels, drafts, preprocess ms)
+        for n, item in enumerate(items):
+            ts = clock()
+            try:
+                rgb, instruction, unnorm_key, draft = _as_item(item)
+                key = self.codec.resolve_key(unnorm_key if unnorm_key else self.default_unnorm_key)
+                ids = self.prompt_ids(instruction)
+                pixels = self.preprocessor(rgb)
+            except OpenVLAError as e:
+                outcomes[n] = e
+                continue
+            drafts = self._usable_draft(draft)
+            good.append((n, instruction, key, ids, pixels, drafts, (clock() - ts) * 1e3))
+        if not good:
+            return outcomes
+        num = self.config.action_dim
         t1 = clock()
-        if drafts is None:
-            tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim)
-            accepted = 0
-        else:
-            tokens, timings = self.backend.generate(pixels, ids, self.config.action_dim, draft=drafts)
-            accepted = int(self.backend.last_accepted)
-        decoded = self.codec.decode_tokens(tokens)
-        action = self.codec.unnormalize(decoded.normalized, key)
-        t2 = clock()
-        timings = {"preprocess": (t1 - t0) * 1e3, **timings, "total": (t2 - t0) * 1e3}
-        return ActionResult(action=action, normalized=decoded.normalized, tokens=np.asarray(tokens, np.int64),
-                            out_of_range=decoded.out_of_range, unnorm_key=key, instruction=instruction,
-                            timings_ms=timings, accepted=accepted)
+        if hasattr(self.backend, "generate_batch"):
+            drafts = [g[5] for g in good]
+            tokens, accepted, timings = self.backend.generate_batch(
+                _cat_pixels([g[4] for g in good]), [g[3] for g in good], num,
+                drafts=None if all(d is None for d in drafts) else drafts)
+            per_item = [(tokens[j], int(accepted[j]), timings) for j in range(len(good))]
+        else:  # a backend without a batch dimension yet: one generate per item, same results
+            per_item = []
+            for _, _, _, ids, pixels, drafts, _ in good:
+                if drafts is None:
+                    tok, timings = self.backend.generate(pixels, ids, num)
+                    per_item.append((tok, 0, timings))
+                else:
+                    tok, timings = self.backend.generate(pixels, ids, num, draft=drafts)
+                    per_item.append((tok, int(self.backend.last_accepted), timings))
+        for (n, instruction, key, _, _, _, pre_ms), (tok, accepted, timings) in zip(good, per_item):
+            decoded = self.codec.decode_tokens(tok)
+            action = self.codec.unnormalize(decoded.normalized, key)
+            t2 = clock()
+            total = (t2 - t1) * 1e3 + pre_ms
+            outcomes[n] = ActionResult(
+                action=action, normalized=decoded.normalized, tokens=np.asarray(tok, np.int64),
+                out_of_range=decoded.out_of_range, unnorm_key=key, instruction=instruction,
+                timings_ms={"preprocess": pre_ms, **timings, "total": total}, accepted=accepted)
+        return outcomes
 
     def close(self):
         if self.backend is not None:

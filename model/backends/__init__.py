@@ -8,6 +8,14 @@ once for all of them. Interface (duck-typed):
     backend.describe() -> dict   (backend, device, dtype, ... for logs and diagnostics)
     backend.close()
 
+Batch dimension (optional; the torch reference has it, docs/model.md "Batched prediction"):
+
+    backend.generate_batch(pixel_values (B, 6, S, S), [input_ids_1 .. input_ids_B], num_tokens,
+                           drafts=None | [draft_or_None] * B)
+        -> (tokens: np.int64[B, num_tokens], accepted: np.int64[B], timings_ms for the batch)
+        Prompts may differ in length; row i's tokens must equal generate() of item i alone.
+        OpenVLAPolicy.predict_batch uses it when present, else one generate() per item.
+
 Speculative action decoding (optional; a backend that has it sets `supports_draft = True`):
 
     backend.generate(pixel_values, input_ids, num_tokens, draft=ids) -> same as above; the

@@ -99,6 +99,23 @@ def crop_cache(cache, length: int) -> bool:
     return cache.get_seq_length() == int(length)
 
 
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) key-valid columns -> (B, 1, T, T) boolean mask: causal, real keys only, and a pad
+    query attends itself (never a fully masked row, which SDPA may turn into NaN). None when
+    every column is valid: the plain causal prefill (what a batch of one runs)."""
+    if bool(valid.all()):
+        return None
+    width = valid.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(width, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye).unsqueeze(1)
+
+
+def _decode_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) key-valid columns, the new token's last -> (B, 1, 1, T) mask; None if all valid."""
+    return None if bool(valid.all()) else valid[:, None, None, :]
+
+
 class TorchBackend:
     name = "torch"
     supports_draft = True  # generate(..., draft=) verifies drafts in the prefill
@@ -118,54 +135,113 @@ class TorchBackend:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int, draft=None):
         """Greedy action tokens. draft: token ids (see speculative.sanitize_draft) verified in the
         prefill; self.last_accepted says how many were accepted (0 without a draft). The tokens
-        are those of plain greedy decoding, with or without a draft."""
+        are those of plain greedy decoding, with or without a draft. A batch of one through
+        generate_batch (no padding, nothing masked: the plain causal prefill and a cropped cache)."""
+        tokens, accepted, t = self.generate_batch(pixel_values, [input_ids], num_tokens,
+                                                  drafts=None if draft is None else [draft])
+        self.last_accepted = int(accepted[0])
+        return tokens[0], t
+
+    @torch.inference_mode()
+    def generate_batch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, drafts=None):
+        """Greedy action tokens for B items at once: pixel_values (B, 6, S, S), input_ids a list of
+        B prompt id arrays (any lengths), drafts None or a list of B drafts (None per item allowed;
+        each sanitised with speculative.sanitize_draft, so a bad draft is dropped, never raised).
+        Returns (tokens int64[B, num_tokens], accepted int64[B], timings_ms for the whole batch).
+
+        Each row's math is that of its batch of one: sequences [BOS, patches, prompt, drafts] are
+        LEFT-padded to the longest; position ids run 0..T_i-1 over each row's own tokens; the mask
+        lets a row attend only its own earlier real tokens (a pad row attends only itself, so it
+        stays finite and nobody reads it). Drafts are verified per row in the one prefill; the KV
+        columns of a row's rejected drafts are masked for that row (columns rejected by every row
+        are cropped). Decoding then runs all rows together, row i feeding its last token at its
+        own next position; a row whose action is complete (more drafts accepted than others)
+        keeps stepping on a dummy token whose output is discarded."""
         m, llm, t = self.modules, self.modules.llm, {}
+        dev = self.device
         clock = time.perf_counter
+        batch = len(input_ids)
+        if pixel_values.shape[0] != batch:
+            raise BackendError(f"generate_batch: {pixel_values.shape[0]} images for {batch} prompts")
+        if drafts is not None and len(drafts) != batch:
+            raise BackendError(f"generate_batch: {len(drafts)} drafts for {batch} prompts")
         t0 = clock()
-        px = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        px = pixel_values.to(dev, self.dtype, non_blocking=True)
         patches = m.vision(px)
         self._sync(); t1 = clock()
         projected = m.projector(patches)
         self._sync(); t2 = clock()
 
-        # [BOS, 256 patches, prompt tokens after BOS, drafts]; positions 0..L+m-1 over the whole
-        # sequence (the drafts continue the prompt's positions: d_j sits at L+j-1)
-        seq = multimodal_embeddings(llm, projected, np.asarray(input_ids))
-        length = seq.shape[1]
-        drafts = sanitize_draft(draft, num_tokens, self.config.vocab_size).tokens
-        if drafts is not None:
-            drafts = torch.as_tensor(drafts, device=self.device)
-            seq = torch.cat([seq, llm.get_input_embeddings()(drafts.view(1, -1))], dim=1)
-        rows = 1 if drafts is None else 1 + drafts.numel()
+        # row i: [BOS, 256 patches, prompt tokens after BOS, drafts]; positions 0..T_i-1 (drafts
+        # continue the prompt's positions: d_j sits at L_i+j-1)
+        embed = llm.get_input_embeddings()
+        seqs, lengths, row_drafts = [], [], []
+        for i, ids in enumerate(input_ids):
+            seq = multimodal_embeddings(llm, projected[i:i + 1], np.asarray(ids))
+            lengths.append(seq.shape[1])
+            d = sanitize_draft(None if drafts is None else drafts[i], num_tokens, self.config.vocab_size).tokens
+            d = None if d is None else torch.as_tensor(d, device=dev)
+            if d is not None:
+                seq = torch.cat([seq, embed(d.view(1, -1))], dim=1)
+            row_drafts.append(d)
+            seqs.append(seq)
+        n_draft = [0 if d is None else d.numel() for d in row_drafts]
+        total = [s.shape[1] for s in seqs]
+        width = max(total)
+        hidden = seqs[0].shape[-1]
+        emb = seqs[0].new_zeros(batch, width, hidden)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=dev)  # key columns row i may attend
+        pos = torch.zeros(batch, width, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):  # left padding: row i's tokens fill the last total[i] columns
+            emb[i, width - total[i]:] = s[0]
+            valid[i, width - total[i]:] = True
+            pos[i, width - total[i]:] = torch.arange(total[i], device=dev)
+        rows = 1 + max(n_draft)  # logits kept: the last prompt position and every draft position
         cache = new_cache(llm)
-        out = llm(inputs_embeds=seq, position_ids=torch.arange(seq.shape[1], device=self.device).view(1, -1),
-                  use_cache=True, logits_to_keep=rows, **{self._cache_kw: cache})
-        predicted = out.logits[0].argmax(-1)  # (rows,): the greedy token after each kept row
-        accepted = 0
-        if drafts is not None:
-            accepted = int(accepted_length(drafts, predicted))  # the host reads the accepted count
-            keep = length + accepted
-            if not crop_cache(cache, keep):  # drop the KV rows of the rejected drafts, or recompute
+        out = llm(inputs_embeds=emb, position_ids=pos, attention_mask=_prefill_mask(valid), use_cache=True,
+                  logits_to_keep=rows, **{self._cache_kw: cache})
+        predicted = out.logits.argmax(-1)  # (B, rows): the greedy token after each kept column
+        accepted = np.zeros(batch, np.int64)
+        tokens: list[list] = []
+        for i in range(batch):  # row i's predictions sit in its last 1 + n_draft[i] kept columns
+            p = predicted[i, rows - 1 - n_draft[i]:]
+            if row_drafts[i] is not None:
+                accepted[i] = int(accepted_length(row_drafts[i], p))  # the host reads the count
+                valid[i, width - (n_draft[i] - accepted[i]):] = False  # this row's rejected drafts
+            tokens.append(list(p[:accepted[i] + 1]))
+        # KV columns no row attends any more (the shortest rejected tail) are dropped from the cache
+        keep = width - int(min(n_draft[i] - accepted[i] for i in range(batch)))
+        if keep < width:
+            valid = valid[:, :keep]
+            if not crop_cache(cache, keep):  # an API we do not know: recompute the kept columns
                 cache = new_cache(llm)
-                llm(inputs_embeds=seq[:, :keep], position_ids=torch.arange(keep, device=self.device).view(1, -1),
-                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
-        tokens = list(predicted[:accepted + 1].view(-1, 1))
-        tok = tokens[-1]
+                llm(inputs_embeds=emb[:, :keep], position_ids=pos[:, :keep],
+                    attention_mask=_prefill_mask(valid), use_cache=True, logits_to_keep=1,
+                    **{self._cache_kw: cache})
         self._sync(); t3 = clock()
-        for i in range(accepted + 1, num_tokens):  # token i: feed token i-1 at position L+i-1
-            out = llm(input_ids=tok.view(1, 1), position_ids=torch.tensor([[length + i - 1]], device=self.device),
-                      use_cache=True, **{self._cache_kw: cache})
+        steps = num_tokens - 1 - int(accepted.min())
+        last = torch.stack([tk[-1] for tk in tokens]).view(batch, 1)
+        done = torch.tensor([len(tk) >= num_tokens for tk in tokens], device=dev)
+        # next position of row i: L_i + (tokens it has) - 1; a finished row stays where it was
+        nxt = torch.tensor([lengths[i] + len(tokens[i]) - 1 for i in range(batch)], device=dev).view(batch, 1)
+        for _ in range(steps):
+            valid = torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=dev)], dim=1)
+            out = llm(input_ids=last, position_ids=nxt, attention_mask=_decode_mask(valid), use_cache=True,
+                      **{self._cache_kw: cache})
             tok = out.logits[:, -1].argmax(-1)
-            tokens.append(tok)
-        result = torch.cat(tokens).cpu().numpy().astype(np.int64)
+            for i in range(batch):
+                if len(tokens[i]) < num_tokens:
+                    tokens[i].append(tok[i])
+            done = torch.tensor([len(tk) >= num_tokens for tk in tokens], device=dev)
+            last = torch.where(done, last.view(-1), tok).view(batch, 1)
+            nxt = nxt + (~done).long().view(batch, 1)
+        result = torch.stack([torch.stack(tk) for tk in tokens]).cpu().numpy().astype(np.int64)
         t4 = clock()
-        self.last_accepted = accepted
         t.update(vision=(t1 - t0) * 1e3, projector=(t2 - t1) * 1e3, prefill=(t3 - t2) * 1e3, decode=(t4 - t3) * 1e3)
-        return result, t
+        return result, accepted, t
 
     def close(self):
         self.modules = None
