@@ -997,8 +997,16 @@ def _drive_until_moving(h, frame, stamp_fn=None, timeout=10.0):
         time.sleep(0.1)
         answered = h.action_stamps() & set(keys)
         if answered:
-            return max(answered)
+            key = max(answered)
+            # the twist is published right after the action: wait for it too (its own delivery)
+            wait_until(lambda: _twist_moving_for(h, key), 5)
+            return key
     raise AssertionError("no action while driving fresh frames")
+
+
+def _twist_moving_for(h, key) -> bool:
+    with h.lock:
+        return any(stamp_key(m.header.stamp) == key and not _is_zero_twist(m) for _, m in h.twists)
 
 
 def _stops_since(h, t):
