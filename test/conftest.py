@@ -43,6 +43,17 @@ def tiny_weights(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_openvla"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_weights):
+    """(config, prompt tokenizer, CPU preprocessor) of the tiny checkpoint, for backend-level tests."""
+    from openvla_model.config import load_config
+    from openvla_model.preprocess import Preprocessor
+    from openvla_model.prompt import PromptTokenizer
+
+    config = load_config(tiny_weights)
+    return config, PromptTokenizer(tiny_weights), Preprocessor(config)
+
+
 @pytest.fixture(scope="session")
 def tiny_policy(tiny_weights):
     from openvla_model import load_policy

@@ -22,7 +22,6 @@ from openvla_model.checkpoint import Checkpoint
 from openvla_model.config import load_config
 from openvla_model.errors import BackendError
 from openvla_model.preprocess import Preprocessor
-from openvla_model.prompt import PromptTokenizer
 from openvla_model.synthetic import synthetic_rgb
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -30,12 +29,6 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUD
 SHORT = "pick up the red cup"  # 22 prompt tokens with the tiny tokenizer: bucket 32
 LONG = "put the blue block into the open drawer on the left of the sink next to the yellow towel"
 N = 7
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_weights):
-    config = load_config(tiny_weights)
-    return config, PromptTokenizer(tiny_weights), Preprocessor(config)
 
 
 @pytest.fixture(scope="module")

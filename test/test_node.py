@@ -12,6 +12,7 @@ One node process is reused across the checks that can share it (2-core CI machin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -329,23 +330,36 @@ class NodeProcess:
 # ---------------------------------------------------------------------------------------------
 # the node as a separate process
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def proc_node(ros, tiny_weights, tmp_path_factory):
-    cmd = node_cmd("/proc", "openvla_proc", "backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}",
-                   "unnorm_key:=bridge_orig", "start_enabled:=true", "publish_twist:=true", "publish_gripper:=true",
-                   "diagnostics_period_s:=0.1", "max_image_age_s:=3.0", "log_throttle_s:=0.2",
-                   "action_frame:=tool0", "action_period_s:=0.5")
-    node = NodeProcess(cmd, tmp_path_factory.mktemp("proc") / "node.log")
-    harness = Harness(ros, "/proc", "openvla_proc")
+@contextlib.contextmanager
+def running_node(ros, ns, name, params, log_dir, *, compressed=False, up_timeout=60, clean_stop=False):
+    """The node as a process with a harness on its topics, active and connected; on exit the
+    harness closes and the node stops (SIGINT with exit code 0 asserted when clean_stop, else
+    SIGKILL)."""
+    node = NodeProcess(node_cmd(ns, name, *params), log_dir / "node.log")
+    harness = Harness(ros, ns, name, compressed=compressed)
     try:
-        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=60)
+        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=up_timeout)
         assert up, f"node process did not become active:\n{node.output()[-3000:]}"
         harness.wait_connected()
         yield node, harness
     finally:
         harness.close()
         if node.proc.poll() is None:
-            node.stop(signal.SIGKILL)
+            if clean_stop:
+                assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+            else:
+                node.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def proc_node(ros, tiny_weights, tmp_path_factory):
+    with running_node(ros, "/proc", "openvla_proc",
+                      ["backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}", "unnorm_key:=bridge_orig",
+                       "start_enabled:=true", "publish_twist:=true", "publish_gripper:=true",
+                       "diagnostics_period_s:=0.1", "max_image_age_s:=3.0", "log_throttle_s:=0.2",
+                       "action_frame:=tool0", "action_period_s:=0.5"],
+                      tmp_path_factory.mktemp("proc")) as running:
+        yield running
 
 
 def _ensure_instruction(harness, text=INSTRUCTION):
@@ -969,23 +983,15 @@ def _is_zero_twist(tw) -> bool:
 
 @pytest.fixture(scope="module")
 def stale_node(ros, tiny_weights, tmp_path_factory):
-    cmd = node_cmd("/stale", "openvla_stale", "backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}",
-                   "unnorm_key:=bridge_orig", "start_enabled:=true", "publish_twist:=true",
-                   "diagnostics_period_s:=0.1", f"max_image_age_s:={STALE_MAX_AGE_S}",
-                   f"action_period_s:={STALE_PERIOD_S}", "log_throttle_s:=0.2",
-                   "max_delta_position_m:=[1.0, 1.0, 1.0]")  # unclipped: the model's twist is non-zero
-    node = NodeProcess(cmd, tmp_path_factory.mktemp("stale") / "node.log")
-    harness = Harness(ros, "/stale", "openvla_stale")
-    try:
-        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=60)
-        assert up, f"node process did not become active:\n{node.output()[-3000:]}"
-        harness.wait_connected()
+    with running_node(ros, "/stale", "openvla_stale",
+                      ["backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}", "unnorm_key:=bridge_orig",
+                       "start_enabled:=true", "publish_twist:=true", "diagnostics_period_s:=0.1",
+                       f"max_image_age_s:={STALE_MAX_AGE_S}", f"action_period_s:={STALE_PERIOD_S}",
+                       "log_throttle_s:=0.2",
+                       "max_delta_position_m:=[1.0, 1.0, 1.0]"],  # unclipped: the model's twist is non-zero
+                      tmp_path_factory.mktemp("stale")) as (node, harness):
         _ensure_instruction(harness)
         yield node, harness
-    finally:
-        harness.close()
-        if node.proc.poll() is None:
-            node.stop(signal.SIGKILL)
 
 
 def _drive_until_moving(h, frame, stamp_fn=None, timeout=10.0):

@@ -4,7 +4,6 @@ bombs interleaved with good frames at 10 Hz, and instructions with U+FFFD. Each 
 warned about and never acted on; the node stays up and acts on the next good input."""
 from __future__ import annotations
 
-import signal
 import time
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from conftest import requires_ros
 from test_inputs import jpeg_bomb, png_bomb
-from test_node import INSTRUCTION, Harness, NodeProcess, node_cmd, ros, wait_until  # noqa: F401 (ros: fixture)
+from test_node import INSTRUCTION, ros, running_node, wait_until  # noqa: F401 (ros: fixture)
 
 pytestmark = requires_ros
 
@@ -43,20 +42,13 @@ def _peak_rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def compressed_node(ros, tiny_weights, tmp_path_factory):
-    cmd = node_cmd("/bad", "openvla_bad", "backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}",
-                   "unnorm_key:=bridge_orig", "start_enabled:=true", "image_transport:=compressed",
-                   "diagnostics_period_s:=0.1", "max_image_age_s:=5.0", "log_throttle_s:=0.2")
-    node = NodeProcess(cmd, tmp_path_factory.mktemp("bad_frames") / "node.log")
-    harness = Harness(ros, "/bad", "openvla_bad", compressed=True)
-    try:
-        up = harness.wait_diag(lambda d: d["values"].get("lifecycle_state") == "active", timeout=90)
-        assert up, f"node process did not become active:\n{node.output()[-3000:]}"
-        harness.wait_connected()
-        yield node, harness
-    finally:
-        harness.close()
-        if node.proc.poll() is None:
-            assert node.stop(signal.SIGINT) == 0, node.output()[-3000:]
+    with running_node(ros, "/bad", "openvla_bad",
+                      ["backend:=torch", "device:=cpu", f"weights_path:={tiny_weights}", "unnorm_key:=bridge_orig",
+                       "start_enabled:=true", "image_transport:=compressed", "diagnostics_period_s:=0.1",
+                       "max_image_age_s:=5.0", "log_throttle_s:=0.2"],
+                      tmp_path_factory.mktemp("bad_frames"), compressed=True, up_timeout=90,
+                      clean_stop=True) as running:
+        yield running
 
 
 def _instruct(h, text=INSTRUCTION):

@@ -16,10 +16,8 @@ from openvla_model import load_policy
 from openvla_model.backends.torch_backend import TorchBackend, crop_cache
 from openvla_model.backends.torch_cuda import FastTorchBackend
 from openvla_model.checkpoint import Checkpoint
-from openvla_model.config import load_config
 from openvla_model.policy import OpenVLAPolicy
 from openvla_model.preprocess import Preprocessor
-from openvla_model.prompt import PromptTokenizer
 from openvla_model.speculative import AcceptanceStats, DraftState, accepted_length, draft_accepting, sanitize_draft
 from openvla_model.synthetic import synthetic_rgb
 
@@ -29,12 +27,6 @@ VOCAB = 32064
 SHORT = "pick up the red cup please"  # 27 prompt tokens (tiny tokenizer): + 6 draft rows cross bucket 32
 LONG = "put the blue block into the open drawer on the left of the sink next to the yellow towel"  # 40: 48
 ACTION_LO = 31744
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_weights):
-    config = load_config(tiny_weights)
-    return config, PromptTokenizer(tiny_weights), Preprocessor(config)
 
 
 @pytest.fixture(scope="module")

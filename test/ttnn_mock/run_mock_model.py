@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from openvla_model.backends.ttnn.op_report import MetaCheckpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,21 +43,10 @@ def write_full_width_config(out: Path, llm_layers: int, vision_depth: int | None
     return out
 
 
-class ZeroCheckpoint:
+class ZeroCheckpoint(MetaCheckpoint):
     """Duck-types Checkpoint: every expected tensor, all zeros (mock devices ignore values)."""
 
-    dir = None
-    key_file: dict = {}
     fingerprint = "zeros"  # names the content, so the weight cache can key it
-
-    def __init__(self):
-        self.shapes = {}
-
-    def validate(self, expected):
-        self.shapes = dict(expected)
-
-    def keys(self):
-        return list(self.shapes)
 
     def load(self, keys, dtype=None, device="cpu"):
         for k in keys:
