@@ -36,9 +36,15 @@ REJECTED = tuple(c for c in COUNTERS if c.startswith("rejected_"))
 
 
 class Stats:
-    """Counters and windows shared by the executor thread and the inference worker."""
+    """Counters and windows shared by the executor thread and the inference worker.
 
-    def __init__(self, window: int = 200, rate_window_s: float = 10.0):
+    parent: the node's Stats when this one is a stream's (several streams): counters, published
+    actions and speculative acceptance are added to the parent too, so the node's totals are
+    the sum over its streams. Errors, failures and model times stay with the Stats they are
+    recorded on (a stream's own, or the node's for a whole batch)."""
+
+    def __init__(self, window: int = 200, rate_window_s: float = 10.0, parent: "Stats | None" = None):
+        self.parent = parent
         self._lock = threading.Lock()
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.model_ms: deque = deque(maxlen=window)
@@ -58,6 +64,13 @@ class Stats:
             self.counts[name] += n
             if name.startswith("rejected_") and name != "rejected_no_instruction":
                 self.last_rejection_time = time.monotonic()
+        if self.parent is not None:
+            self.parent.inc(name, n)
+
+    def image_received(self) -> None:
+        self.last_image_monotonic = time.monotonic()
+        if self.parent is not None:
+            self.parent.image_received()
 
     def error(self, message: str, *, failure: bool = False) -> None:
         with self._lock:
@@ -77,6 +90,8 @@ class Stats:
         the draft's tokens were accepted."""
         with self._lock:
             self.acceptance.record(drafted, accepted)
+        if self.parent is not None:
+            self.parent.speculation(drafted, accepted)
 
     def published(self, latency_ms: float) -> None:
         now = time.monotonic()
@@ -85,6 +100,8 @@ class Stats:
             self._published.append(now)
             while self._published and now - self._published[0] > self._rate_window_s:
                 self._published.popleft()
+        if self.parent is not None:
+            self.parent.published(latency_ms)
 
     def achieved_rate_hz(self) -> float:
         now = time.monotonic()
@@ -106,6 +123,28 @@ class Stats:
                 "last_rejection_age_s": (time.monotonic() - self.last_rejection_time
                                          if self.last_rejection_time else None),
             }
+
+
+def stats_values(stats: Stats) -> dict:
+    """The /diagnostics values of one Stats: speculative acceptance, times, rate, counters."""
+    snap = stats.snapshot()
+    counts, spec = snap["counts"], snap["speculative"]
+    return {
+        "speculative_drafted": spec["drafted"],
+        "speculative_accepted_total": spec["accepted_total"],
+        "speculative_acceptance_rate": spec["acceptance_rate"],
+        "speculative_mean_accepted": spec["mean_accepted"],
+        "model_ms_p50": percentile(snap["model_ms"], 50),
+        "model_ms_p95": percentile(snap["model_ms"], 95),
+        "latency_ms_p50": percentile(snap["latency_ms"], 50),
+        "latency_ms_p95": percentile(snap["latency_ms"], 95),
+        "node_overhead_ms_p50": percentile(snap["overhead_ms"], 50),
+        "achieved_rate_hz": stats.achieved_rate_hz(),
+        **counts,
+        "rejected_total": sum(counts[c] for c in REJECTED),
+        "consecutive_failures": snap["consecutive_failures"],
+        "last_error": snap["last_error"],
+    }
 
 
 def percentile(values, q: float) -> float:

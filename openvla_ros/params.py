@@ -12,12 +12,19 @@ the default limit in force) are refused, naming the closest known parameter, unl
 only through a `/**` section of a params file, which other nodes share, are warned about, not
 refused: `wildcard_only_names()` tells them apart by reading the --params-file YAMLs, since rclpy
 merges every source into one dict of overrides.
+
+Streams (`streams`, docs/ros_node.md "Streams"): one node may serve several cameras / robots.
+Parameters in STREAM_PARAMS may be overridden per stream as `<stream>.<name>` (a params file may
+nest them: `left: {max_delta_position_m: [...]}`); an override left unset follows the global value,
+also when that changes at runtime. Each stream's configuration is the global one with its
+overrides applied, validated by the same rules (problems name `<stream>.<name>`).
 """
 from __future__ import annotations
 
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
@@ -101,6 +108,28 @@ def _unit_interval(v):
     return None if _is_num(v) and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
 
 
+STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def _stream_names(v):
+    """[""] (the default: one unnamed stream, topics as without streams) or distinct names, each
+    a ROS name token (letters, digits, _; first a letter) that is no parameter name."""
+    if list(v) == [""]:
+        return None
+    if not v:
+        return "must name at least one stream (the default [''] is one unnamed stream)"
+    bad = [n for n in v if not STREAM_NAME.fullmatch(n)]
+    if bad:
+        return (f"stream names must be ROS name tokens (a letter, then letters, digits or _; the unnamed "
+                f"stream '' only alone), not {bad}")
+    if len(set(v)) != len(v):
+        return "stream names must be distinct"
+    clash = [n for n in v if n in SPECS or any(k.startswith(n + ".") for k in SPECS)]
+    if clash:
+        return f"stream names must not be parameter names: {clash}"
+    return None
+
+
 SPECS: dict[str, Spec] = {
     # -- model (read at configure) --
     "backend": Spec("ttnn", "Inference backend: ttnn (Tenstorrent N300/T3K) or torch (CPU/CUDA).", choices=BACKENDS),
@@ -141,6 +170,15 @@ SPECS: dict[str, Spec] = {
     "inference_mode": Spec("on_frame", "on_frame: infer on every newest frame as fast as the model allows; "
                            "fixed_rate: at most control_rate_hz inferences per second.", choices=INFERENCE_MODES),
     "control_rate_hz": Spec(5.0, "Inference rate in fixed_rate mode, Hz.", check=_positive, number=True),
+    # -- streams (one policy, several cameras / robots, batched) --
+    "streams": Spec([""], "Stream names, e.g. [left, right]: each has its own topics <stream>/image, "
+                    "<stream>/instruction, <stream>/action, ..., its own ~/<stream>/enable, safety state and "
+                    "diagnostics; frames of all streams are batched into one predict_batch. [''] (default): one "
+                    "unnamed stream with the topics image, instruction, action, ... Per-stream overrides: "
+                    "<stream>.<parameter> (see docs/ros_node.md).", check=_stream_names),
+    "max_batch_wait_ms": Spec(0.0, "How long the batcher may wait, after a stream's frame arrived, for frames of "
+                              "the other streams before running the batch, ms (0: take what is pending).",
+                              read_only=False, check=_non_negative, number=True),
     # -- safety --
     "start_enabled": Spec(False, "Publish motion on `action`/`twist`/`gripper` right after activation. false = dry run "
                           "(actions only on `action_preview`) until ~/enable is called with true."),
@@ -179,6 +217,17 @@ SPECS: dict[str, Spec] = {
                            check=_positive, number=True),
 }
 
+# Parameters a stream may override as `<stream>.<name>` (what differs between robots or cameras).
+STREAM_PARAMS = ("unnorm_key", "initial_instruction", "start_enabled", "image_transport", "max_image_age_s",
+                 "max_instruction_age_s", "max_delta_position_m", "max_delta_orientation_rad", "gripper_convention",
+                 "gripper_raw_range", "gripper_threshold", "action_frame", "action_period_s")
+
+
+def stream_param_names(streams) -> list[str]:
+    """Every `<stream>.<name>` override the node declares for these streams (none for the
+    unnamed one)."""
+    return [f"{s}.{n}" for s in streams if s for n in STREAM_PARAMS]
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -202,6 +251,8 @@ class NodeConfig:
     max_image_pixels: int
     inference_mode: str
     control_rate_hz: float
+    streams: tuple
+    max_batch_wait_ms: float
     start_enabled: bool
     max_image_age_s: float
     max_instruction_age_s: float
@@ -218,10 +269,20 @@ class NodeConfig:
     diagnostics_period_s: float
     log_throttle_s: float
     values: dict = field(repr=False, default_factory=dict)  # the raw parameter values
+    stream_cfgs: dict = field(repr=False, default_factory=dict)  # stream -> its NodeConfig (with overrides)
 
     @property
     def min_inference_period_s(self) -> float:
         return 1.0 / self.control_rate_hz if self.inference_mode == "fixed_rate" else 0.0
+
+    def for_stream(self, stream: str) -> "NodeConfig":
+        """The configuration stream `stream` acts on: this one with its `<stream>.*` overrides."""
+        return self.stream_cfgs.get(stream, self)
+
+    @property
+    def known_names(self) -> set[str]:
+        """Every parameter name this configuration accepts (SPECS and the per-stream overrides)."""
+        return set(SPECS) | set(stream_param_names(self.streams))
 
 
 def _type_problem(name: str, spec: Spec, value) -> str | None:
@@ -240,11 +301,40 @@ def _type_problem(name: str, spec: Spec, value) -> str | None:
             f"{name}: expected an integer, got {value!r}"
     if isinstance(d, str):
         return None if isinstance(value, str) else f"{name}: expected a string, got {value!r} (quote it)"
+    if isinstance(d, list) and not (isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)):
+        return f"{name}: expected a list of strings like [left, right], got {value!r}"
     return None
 
 
 def validate(values: dict) -> NodeConfig:
-    """Build a NodeConfig from parameter values; raise ParameterError listing every problem."""
+    """Build a NodeConfig from parameter values (`<stream>.<name>` overrides included; None =
+    unset); raise ParameterError listing every problem."""
+    problems, stream_cfgs, cfg = [], {}, None
+    try:
+        cfg = _validate_one(values)
+    except ParameterError as e:
+        problems += e.problems
+    streams = values.get("streams", SPECS["streams"].default)
+    if _type_problem("streams", SPECS["streams"], streams) or _stream_names(streams):
+        streams = []  # reported above
+    for stream in streams:
+        overrides = {n: values[f"{stream}.{n}"] for n in STREAM_PARAMS
+                     if stream and values.get(f"{stream}.{n}") is not None}
+        if not overrides:
+            continue
+        try:
+            stream_cfgs[stream] = _validate_one({**values, **overrides})
+        except ParameterError as e:
+            # the override's own problems (the global values' are listed already)
+            own = [f"{stream}.{p}" for p in e.problems if any(p.startswith(n) for n in overrides)]
+            problems += own or ([f"{stream}: {p}" for p in e.problems] if cfg is not None else [])
+    if problems:
+        raise ParameterError(problems)
+    object.__setattr__(cfg, "stream_cfgs", stream_cfgs)
+    return cfg
+
+
+def _validate_one(values: dict) -> NodeConfig:
     problems: list[str] = []
     v = {}
     for name, spec in SPECS.items():
@@ -283,7 +373,8 @@ def validate(values: dict) -> NodeConfig:
         instruction_qos_durability=v["instruction_qos_durability"], instruction_qos_depth=v["instruction_qos_depth"],
         initial_instruction=v["initial_instruction"], max_instruction_chars=v["max_instruction_chars"],
         max_image_pixels=v["max_image_pixels"], inference_mode=v["inference_mode"],
-        control_rate_hz=v["control_rate_hz"], start_enabled=v["start_enabled"],
+        control_rate_hz=v["control_rate_hz"], streams=tuple(v["streams"]), max_batch_wait_ms=v["max_batch_wait_ms"],
+        start_enabled=v["start_enabled"],
         max_image_age_s=v["max_image_age_s"], max_instruction_age_s=v["max_instruction_age_s"],
         limits=limits, gripper=gripper, action_frame=v["action_frame"].strip(),
         action_period_s=v["action_period_s"], publish_twist=v["publish_twist"],
@@ -303,10 +394,22 @@ def descriptor(name: str, spec: Spec):
                                read_only=spec.read_only, dynamic_typing=spec.number)
 
 
+def stream_descriptor(name: str, spec: Spec):
+    """Descriptor of a `<stream>.<name>` override: the global parameter's, any type (unset until
+    given; validate() checks the value)."""
+    from rcl_interfaces.msg import ParameterDescriptor
+
+    stream, base = name.split(".", 1)
+    return ParameterDescriptor(name=name, description=f"Stream {stream}: overrides {base} (unset: the global value). "
+                               + spec.description, read_only=spec.read_only, dynamic_typing=True)
+
+
 def _kind(spec: Spec) -> str:
     d = spec.default
     if spec.number:
         return "a list of numbers" if isinstance(d, list) else "a number"
+    if isinstance(d, list):
+        return "a list of strings"
     if isinstance(d, bool):
         return "true or false"
     if isinstance(d, int):
@@ -420,8 +523,17 @@ def declare_and_read(node, given: Iterable[str] = (), wildcard_only: Collection[
         except ParameterException as e:  # wrong type given as an override
             problems.append(f"{name}: wrong type, expected {_kind(spec)} ({e})")
             values[name] = spec.initial()
+    streams = values["streams"] if _stream_names(values["streams"]) is None else []
+    for name in stream_param_names(streams):
+        # dynamically typed and unset by default (None = follow the global value); validate() checks types
+        spec = SPECS[name.split(".", 1)[1]]
+        node.declare_parameter(name, None, stream_descriptor(name, spec))
+        value = node.get_parameter(name).value
+        if value is not None:
+            values[name] = value
     given = list(given)
-    known = set(SPECS) | {n for n in given if node.has_parameter(n)}  # + what rclpy declares (use_sim_time)
+    known = set(SPECS) | set(stream_param_names(streams)) | {n for n in given if node.has_parameter(n)}
+    # (+ what rclpy declares itself: use_sim_time)
     allow = values.get("allow_unknown_parameters") is True
     unknown_problems, warnings = unknown_parameters(given, known, wildcard_only, allow)
     problems += unknown_problems

@@ -506,7 +506,10 @@ def test_process_disable_publishes_one_zero_motion_action_then_nothing_until_ena
     node, h = proc_node
     _ensure_instruction(h)
     _, frame = small_frame(31)
-    assert h.action_for(h.send_image(frame)) is not None
+    key = h.send_image(frame)
+    assert h.action_for(key) is not None
+    # the action's twist follows it on its own delivery: wait for it before t_disable
+    assert wait_until(lambda: _twist_for(h, key), 5), "no twist for the last action before disable"
     t_disable = time.monotonic()
     resp = h.set_enabled(False)
     assert resp.success and "disabled" in resp.message
@@ -1008,6 +1011,11 @@ def _drive_until_moving(h, frame, stamp_fn=None, timeout=10.0):
             wait_until(lambda: _twist_moving_for(h, key), 5)
             return key
     raise AssertionError("no action while driving fresh frames")
+
+
+def _twist_for(h, key) -> bool:
+    with h.lock:
+        return any(stamp_key(m.header.stamp) == key for _, m in h.twists)
 
 
 def _twist_moving_for(h, key) -> bool:
