@@ -189,7 +189,8 @@ def load_oft_policy(weights_path, backend: str = "torch", *, device: str | None 
                     proprio_dim: int | None = None, normalization: str | None = None,
                     num_images_in_input: int | None = None, step: int | str | None = None,
                     use_action_head: bool | None = None, use_proprio: bool | None = None,
-                    force_oft: bool = False) -> OFTPolicy:
+                    force_oft: bool = False, mesh_device: str | None = None, fast: bool | None = None,
+                    **backend_options) -> OFTPolicy:
     """Load an OpenVLA-OFT checkpoint directory: the HF files plus `action_head--<step>_checkpoint.pt`
     and `proprio_projector--<step>_checkpoint.pt` (each optional: no head = the discrete fallback,
     no projector = no proprio input). Platform constants come from the explicit arguments, else
@@ -197,10 +198,16 @@ def load_oft_policy(weights_path, backend: str = "torch", *, device: str | None 
     step: which `--<step>_checkpoint.pt` files when several are there. use_action_head /
     use_proprio: None = use the file when present, True = required (missing -> CheckpointError),
     False = ignore it (use_action_head=False runs the discrete fallback). force_oft: treat a
-    plain-looking checkpoint (no head, no projector) as OFT (discrete parallel decoding)."""
+    plain-looking checkpoint (no head, no projector) as OFT (discrete parallel decoding).
+    backend="ttnn": mesh_device (N300 | T3K | auto; default $MESH_DEVICE) and backend_options
+    (precision, profile_overrides, cache_dir, max_images, tt) go to backends/ttnn/oft.TtnnOFTModel.
+    fast (torch): the fast path (backends/torch_cuda.FastOFTModel: static buffers, CUDA graphs),
+    default on for CUDA and off for the CPU as for OpenVLA ($OPENVLA_TORCH_FAST=1|0 overrides)."""
     start = time.perf_counter()
-    if backend != "torch":
-        raise BackendError(f"OpenVLA-OFT runs on the torch backend only for now (got {backend!r})")
+    if backend not in ("torch", "ttnn"):
+        raise BackendError(f"OpenVLA-OFT runs on the torch or ttnn backend (got {backend!r})")
+    if backend_options and backend != "ttnn":
+        raise BackendError(f"options {sorted(backend_options)} apply to the ttnn backend only")
     d = Path(weights_path)
     kind = checkpoint_kind(d)  # refuses diffusion / FiLM checkpoints
     if kind != "oft" and not force_oft:
@@ -230,8 +237,19 @@ def load_oft_policy(weights_path, backend: str = "torch", *, device: str | None 
         log.warning("%s is a TINY RANDOM test checkpoint: its actions are meaningless", d)
     tokenizer = PromptTokenizer(config.weights_dir)
     codec = ActionCodec(norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
-    model = OFTTorchModel(config, Checkpoint(config.weights_dir), spec, head, proj, codec, device=device, dtype=dtype)
-    pre = Preprocessor(config, center_crop=center_crop, device="cpu")
+    if backend == "ttnn":
+        from .backends.ttnn.oft import TtnnOFTModel
+
+        model = TtnnOFTModel(config, Checkpoint(config.weights_dir), spec, head, proj, codec, mesh_device,
+                             **backend_options)
+    else:
+        model = OFTTorchModel(config, Checkpoint(config.weights_dir), spec, head, proj, codec, device=device,
+                              dtype=dtype)
+        from .backends.torch_cuda import FastOFTModel, use_fast_path
+
+        if use_fast_path(model.device, fast):  # shares the reference's modules: the weights exist once
+            model = FastOFTModel(model)
+    pre = Preprocessor(config, center_crop=center_crop, device=getattr(model, "preprocess_device", "cpu"))
     log.info("OpenVLA-OFT %s: chunk %d x %d, proprio %s, %s (constants from %s)", d, spec.num_actions_chunk,
              spec.action_dim, spec.proprio_dim, "L1 head" if head is not None else "discrete fallback",
              spec.source)

@@ -148,8 +148,8 @@ class OpenVLAPolicy:
     def predict_batch(self, items) -> list:
         """Actions for several (rgb, instruction, unnorm_key, draft) items in one batch: one
         preprocessing each, then one backend call for all the good items (batched vision,
-        prefill and decode on a backend with generate_batch; per-item generate calls on one
-        without, e.g. the CUDA fast path and TT-NN today).
+        prefill and decode on a backend with generate_batch: the torch reference and the fast
+        path; per-item generate calls on one without, e.g. TT-NN today).
 
         items: BatchItem or plain tuples (rgb, instruction[, unnorm_key[, draft]]).
         Returns one outcome per item, in order: its ActionResult, or the OpenVLAError that item
@@ -247,7 +247,7 @@ def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "t
         from .oft_policy import load_oft_policy
 
         return load_oft_policy(path, backend, device=device, dtype=dtype, center_crop=center_crop,
-                               default_unnorm_key=default_unnorm_key, **backend_options)
+                               default_unnorm_key=default_unnorm_key, fast=fast, **backend_options)
     config = load_config(path)
     if config.raw.get("openvla_ros_tiny_random"):
         log.warning("%s is a TINY RANDOM test checkpoint: its actions are meaningless", path)

@@ -8,7 +8,8 @@ once for all of them. Interface (duck-typed):
     backend.describe() -> dict   (backend, device, dtype, ... for logs and diagnostics)
     backend.close()
 
-Batch dimension (optional; the torch reference has it, docs/model.md "Batched prediction"):
+Batch dimension (optional; the torch reference and the fast path have it, docs/model.md "Batched
+prediction", docs/performance.md "Batches on the fast path"):
 
     backend.generate_batch(pixel_values (B, 6, S, S), [input_ids_1 .. input_ids_B], num_tokens,
                            drafts=None | [draft_or_None] * B)

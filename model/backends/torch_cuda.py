@@ -26,12 +26,25 @@ this backend shares its modules (no second copy of the weights) and runs its own
   that count (the one extra sync) and replays only the remaining decode-step graphs, which
   overwrite the rejected draft rows of the KV cache (and decode masks every slot past the
   current position anyway).
+- Batches (generate_batch): every buffer has a batch dimension; graphs are captured per batch
+  size 1, 2, 4, 8 and a batch runs at the next one, the extra rows dummy rows (zero pixels, a
+  BOS-only prompt, no decode step) whose results are discarded; more than 8 items run in chunks
+  of 8. Each row sits at the positions it has alone: RIGHT padding (a row's pads and missing
+  drafts after its own tokens, position = cache column), so the prefill stays plain causal
+  attention for every row, and each decode step writes row r's K/V at its own position and
+  masks, per row, the columns after it. Drafts are verified per row in the prefill; the step
+  counter is per row, the host reads the accepted counts once and runs the decode steps the
+  row with the fewest accepted needs, and a row whose action is complete stops (its step stays,
+  its token goes to a scratch column). generate() is a batch of one.
+- OpenVLA-OFT (FastOFTModel): the one bidirectional pass on the same fused layers, static
+  buffers per (images, proprio, text bucket), the LLM forward and the head one graph.
 
 On the CPU (or with graphs=False) the very same functions run eagerly: that is how the tests
 check this path against the reference on the tiny checkpoint.
 
-Switches: create_backend("torch", ..., fast=True|False) or OPENVLA_TORCH_FAST=1|0 (default:
-on for CUDA, off for CPU); OPENVLA_TORCH_COMPILE=1|0 (default: on for CUDA).
+Switches: create_backend("torch", ..., fast=True|False), load_oft_policy(..., fast=) or
+OPENVLA_TORCH_FAST=1|0 (default: on for CUDA, off for CPU); OPENVLA_TORCH_COMPILE=1|0 (default:
+on for CUDA).
 """
 from __future__ import annotations
 
@@ -56,6 +69,8 @@ ENV_COMPILE = "OPENVLA_TORCH_COMPILE"
 PROMPT_BUCKET = 16  # prompt tokens are padded to a multiple of this (one prefill graph per bucket)
 CACHE_ALIGN = 64  # KV-cache capacity granularity
 MIN_TOKEN_SLOTS = 16  # device token / logit buffers hold at least this many new tokens
+GRAPH_BATCH_SIZES = (1, 2, 4, 8)  # batch sizes with graphs of their own; a batch runs at the next one
+MAX_GRAPH_BATCH = GRAPH_BATCH_SIZES[-1]  # larger batches run in chunks of this many items
 
 
 def _env_flag(name: str):
@@ -276,28 +291,24 @@ def _capture(fn, pool, before_each=None, warmup: int = 2) -> torch.cuda.CUDAGrap
     return graph
 
 
-# -- the backend -------------------------------------------------------------------------------
+def _graph_count(graphs: dict) -> int:
+    return len([g for g in graphs.values() if not isinstance(g, _Eager)])
 
-class FastTorchBackend:
-    name = "torch"
-    supports_draft = True  # generate(..., draft=) verifies drafts in the prefill
 
-    def __init__(self, config, checkpoint=None, device=None, dtype=None, *, reference: TorchBackend | None = None,
-                 graphs: bool | None = None, compile_ops: bool | None = None, prompt_bucket: int = PROMPT_BUCKET):
-        self.reference = reference if reference is not None else TorchBackend(config, checkpoint, device=device,
-                                                                              dtype=dtype)
-        self.config = config
-        self.device = self.reference.device
-        self.dtype = self.reference.dtype
-        self.modules = self.reference.modules
-        cuda = self.device.type == "cuda"
+# -- what both fast paths share ------------------------------------------------------------------
+
+class _FusedLlamaRunner:
+    """The fused Llama weights, the element-wise ops, the decoder layers, the vision towers and
+    graph capture with its fallback: shared by the OpenVLA fast path (FastTorchBackend) and the
+    OFT fast path (FastOFTModel), which differ only in what they feed the layers."""
+
+    def _init_runner(self, modules, llm_cfg, device: torch.device, dtype: torch.dtype, graphs, compile_ops) -> None:
+        self.modules, self.device, self.dtype = modules, device, dtype
+        cuda = device.type == "cuda"
         self.graphs = cuda if graphs is None else bool(graphs)
         if self.graphs and not cuda:
             raise BackendError("CUDA graphs need a CUDA device")
-        self.preprocess_device = str(self.device) if cuda else "cpu"
-        self.prompt_bucket = int(prompt_bucket)
-
-        llm_cfg = config.llm
+        self.preprocess_device = str(device) if cuda else "cpu"
         self.hidden = int(llm_cfg.hidden_size)
         self.heads = int(llm_cfg.num_attention_heads)
         self.kv_heads = int(getattr(llm_cfg, "num_key_value_heads", None) or self.heads)
@@ -305,86 +316,37 @@ class FastTorchBackend:
         self.n_layers = int(llm_cfg.num_hidden_layers)
         self.eps = float(llm_cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
-        self.num_patches = int(config.num_patches)
-        self.vocab = int(config.vocab_size)
-        self.pad_id = int(config.pad_token_id)
-        rotary = self.modules.llm.model.rotary_emb
-        self._inv_freq = rotary.inv_freq.detach().to(self.device, torch.float32)
+        rotary = modules.llm.model.rotary_emb
+        self._inv_freq = rotary.inv_freq.detach().to(device, torch.float32)
         self._rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
 
-        self.w = fuse_llama_weights(self.modules.llm)
+        self.w = fuse_llama_weights(modules.llm)
         env_compile = _env_flag(ENV_COMPILE)
         want_compile = compile_ops if compile_ops is not None else (cuda and env_compile is not False)
         if want_compile:
             with torch.inference_mode():
                 self.ops, self.ops_note = compiled_ops_checked(
-                    self.device, self.dtype, self.hidden, self.heads, self.head_dim,
-                    int(llm_cfg.intermediate_size), self.eps)
+                    device, dtype, self.hidden, self.heads, self.head_dim, int(llm_cfg.intermediate_size), self.eps)
         else:
             self.ops, self.ops_note = Ops(compiled=False), "eager"
-
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-        self._vision_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._vision_stream = torch.cuda.Stream(device) if cuda else None
         self._graphs: dict = {}
         self.graph_failures: dict[str, str] = {}
-        self.last_decode_steps_ms: list[float] = []
-        self.last_accepted = 0  # drafts accepted by the last generate()
-        self._cap = 0
-        self._slots = 0
-        with torch.inference_mode():
-            self._allocate(self.num_patches + 4 * self.prompt_bucket + 8, 8)
 
-    # -- buffers -----------------------------------------------------------------------------
-    def _allocate(self, needed_len: int, num_tokens: int) -> None:
-        """(Re)allocate the KV cache and the static buffers; drops every captured graph."""
-        cap = max(self._cap, _round_up(needed_len, CACHE_ALIGN))
-        slots = max(self._slots, MIN_TOKEN_SLOTS, num_tokens)
-        if cap == self._cap and slots == self._slots:
-            return
-        dev, dt = self.device, self.dtype
-        self._graphs.clear()
-        self._kv = None
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        self._cap, self._slots = cap, slots
-        self._kv = torch.zeros(self.n_layers, 2, 1, self.kv_heads, cap, self.head_dim, device=dev, dtype=dt)
-        pos = torch.arange(cap, device=dev, dtype=torch.float32)
+    def _rope_table(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (n, head_dim) in the model dtype for positions 0..n-1 (transformers' values)."""
+        pos = torch.arange(n, device=self.device, dtype=torch.float32)
         freqs = pos[:, None] * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = (emb.cos() * self._rope_scaling).to(dt)
-        self._sin = (emb.sin() * self._rope_scaling).to(dt)
-        self._arange = torch.arange(cap, device=dev)
-        self._neg_inf = torch.full((cap,), float("-inf"), device=dev, dtype=dt)
-        self._tokens = torch.zeros(slots, dtype=torch.long, device=dev)
-        self._logits = torch.zeros(slots, self.vocab, dtype=dt, device=dev)
-        self._step = torch.zeros(1, dtype=torch.long, device=dev)
-        self._accepted = torch.zeros(1, dtype=torch.long, device=dev)
-        # [sequence length L, index of the last real position L-1, drafts to compare (-1: none)
-        # x slots, prompt ids (+ draft ids) padded...]: one host->device copy per action
-        pin = dev.type == "cuda"
-        self._ints_host = torch.zeros(cap + 2 + slots, dtype=torch.long, pin_memory=pin)
-        self._ints_host_np = self._ints_host.numpy()
-        self._ints = torch.zeros(cap + 2 + slots, dtype=torch.long, device=dev)
-        self._seq_len, self._last_idx = self._ints[0:1], self._ints[1:2]
-        self._draft, self._ids = self._ints[2:2 + slots], self._ints[2 + slots:]
-        self._tokens_host = torch.zeros(slots, dtype=torch.long, pin_memory=pin)
-        self._accepted_host = torch.zeros(1, dtype=torch.long, pin_memory=pin)
-        size = self.config.image_size
-        self._pixels = torch.zeros(1, 6, size, size, device=dev, dtype=torch.float32)
-        vision_dim = self.modules.vision_dim
-        self._patches = torch.zeros(1, self.num_patches, vision_dim, device=dev, dtype=dt)
-        self._projected = torch.zeros(1, self.num_patches, self.hidden, device=dev, dtype=dt)
-        if dev.type == "cuda":
-            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4 + slots)]
-            self._done = torch.cuda.Event()
-            self._accepted_ready = torch.cuda.Event()
+        return (emb.cos() * self._rope_scaling).to(self.dtype), (emb.sin() * self._rope_scaling).to(self.dtype)
 
-    # -- the model pieces (the functions that get captured) ------------------------------------
-    def _vision(self):
-        px = self._pixels.to(self.dtype)
+    def _vision_into(self, pixels: torch.Tensor, out: torch.Tensor) -> None:
+        """(B, 6, S, S) float32 pixels -> out (B, 256, vision_dim): DINOv2 on channels 0-2, SigLIP on 3-5."""
+        px = pixels.to(self.dtype)
         side = self._vision_stream
         if side is None:
-            self._patches.copy_(self.modules.vision(px))
+            out.copy_(self.modules.vision(px))
             return
         # The two towers are independent and each too small to fill the GPU: run SigLIP on a
         # side stream while DINOv2 runs here (fork/join, so the captured graph gets two branches).
@@ -394,83 +356,48 @@ class FastTorchBackend:
             siglip = self.modules.fused_featurizer(px[:, 3:])
         dino = self.modules.featurizer(px[:, :3])
         main.wait_stream(side)
-        self._patches.copy_(torch.cat([dino, siglip], dim=2))
+        out.copy_(torch.cat([dino, siglip], dim=2))
 
-    def _projector(self):
-        self._projected.copy_(self.modules.projector(self._patches))
+    def _llm_layers(self, x, cos, sin, *, kv=None, pos=None, mask=None, kv_len=None, causal: bool = True):
+        """All decoder layers + final norm over x (B, S, hidden). Returns the final-normed hidden states.
 
-    def _llm_layers(self, x, cos, sin, pos=None, mask=None, kv_len=None):
-        """All decoder layers + final norm. Prefill (pos None): causal over x, K/V written to
-        cache[:S]. Decode (x has 1 token): K/V written at `pos`, attention over cache[:kv_len]
-        with `mask` hiding the slots after `pos`. Returns the final-normed hidden states."""
+        kv None (OFT): attention over x itself, causal or not, `mask` additive (B|1, 1, 1|S, S).
+        kv (layers, 2, B, kv_heads, cap, head_dim), pos None (prefill): causal over x, K/V written
+        to cache columns [:S]. kv and pos (B,) (decode, S = 1): row b's K/V written at column
+        pos[b], attention over cache[:kv_len] with `mask` (B, 1, 1, kv_len) hiding, per row, the
+        columns after its own position."""
         ops, w, eps = self.ops, self.w, self.eps
-        S, H, KV, D = x.shape[1], self.heads, self.kv_heads, self.head_dim
+        B, S, H, KV, D = x.shape[0], x.shape[1], self.heads, self.kv_heads, self.head_dim
         gqa = {"enable_gqa": True} if KV != H else {}
+        write = None if pos is None else pos.view(B, 1, 1, 1).expand(B, KV, 1, D)
         h = ops.rms_norm(x, w.in_norm[0], eps)
         for i in range(self.n_layers):
-            qkv = F.linear(h, w.qkv[i]).view(1, S, H + 2 * KV, D)
+            qkv = F.linear(h, w.qkv[i]).view(B, S, H + 2 * KV, D)
             qk = ops.rope(qkv[:, :, :H + KV], cos, sin)
             q = qk[:, :, :H].transpose(1, 2)
             k = qk[:, :, H:].transpose(1, 2)
             v = qkv[:, :, H + KV:].transpose(1, 2)
-            k_cache, v_cache = self._kv[i, 0], self._kv[i, 1]
-            if pos is None:
+            if kv is None:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                   scale=self.scale, **gqa)
+            elif pos is None:
+                k_cache, v_cache = kv[i, 0], kv[i, 1]
                 k_cache[:, :, :S].copy_(k)
                 v_cache[:, :, :S].copy_(v)
                 a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, **gqa)
             else:
-                k_cache.index_copy_(2, pos, k)
-                v_cache.index_copy_(2, pos, v)
+                k_cache, v_cache = kv[i, 0], kv[i, 1]
+                k_cache.scatter_(2, write, k)
+                v_cache.scatter_(2, write, v)
                 a = F.scaled_dot_product_attention(q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
                                                    attn_mask=mask, scale=self.scale, **gqa)
-            a = a.transpose(1, 2).reshape(1, S, H * D)
+            a = a.transpose(1, 2).reshape(B, S, H * D)
             x, h = ops.add_rms_norm(x, F.linear(a, w.o[i]), w.post_norm[i], eps)
             m = F.linear(ops.silu_mul(F.linear(h, w.gate_up[i])), w.down[i])
             nxt = w.in_norm[i + 1] if i + 1 < self.n_layers else w.final_norm
             x, h = ops.add_rms_norm(x, m, nxt, eps)
         return h
 
-    def _prefill(self, prompt_pad: int, rows: int = 0):
-        """[BOS, 256 projected patches, prompt[1:], d1..d_rows, pad...] -> KV cache, tokens,
-        logits, step. Without drafts (rows 0): token 0 and logits 0, step 0. With draft rows
-        (d_j at position L+j-1, right after the prompt): the greedy token after each of the rows
-        L-1..L-1+rows, the accepted count k (speculative.accepted_length against the drafts to
-        compare, on the device), tokens 0..k valid and step = k (the decode steps go on from
-        there and overwrite the rest, KV rows included)."""
-        S = self.num_patches + prompt_pad
-        emb = F.embedding(self._ids[:prompt_pad], self.w.embed)
-        seq = torch.cat([emb[:1], self._projected[0], emb[1:]], dim=0).unsqueeze(0)
-        cos, sin = self._cos[:S].view(1, S, 1, -1), self._sin[:S].view(1, S, 1, -1)
-        h = self._llm_layers(seq, cos, sin)
-        idx = self._last_idx + self._arange[:rows + 1] if rows else self._last_idx  # rows L-1 .. L-1+rows
-        logits = F.linear(h[0].index_select(0, idx), self.w.lm_head)  # (rows+1, V)
-        predicted = logits.argmax(-1)
-        self._logits[:rows + 1].copy_(logits)
-        self._tokens[:rows + 1].copy_(predicted)
-        if rows:
-            accepted = accepted_length(self._draft[:rows], predicted).view(1)
-            self._step.copy_(accepted)
-            self._accepted.copy_(accepted)
-        else:
-            self._step.zero_()
-
-    def _decode_step(self, kv_len: int):
-        """One token: reads tokens[step] at position L+step, writes tokens[step+1]; step += 1."""
-        step = self._step
-        pos = self._seq_len + step
-        x = F.embedding(self._tokens.index_select(0, step), self.w.embed).view(1, 1, -1)
-        cos = self._cos.index_select(0, pos).view(1, 1, 1, -1)
-        sin = self._sin.index_select(0, pos).view(1, 1, 1, -1)
-        # additive mask, built once per step (a boolean one is converted again in every layer)
-        mask = self._neg_inf[:kv_len].masked_fill(self._arange[:kv_len] <= pos, 0.0).view(1, 1, 1, kv_len)
-        h = self._llm_layers(x, cos, sin, pos=pos, mask=mask, kv_len=kv_len)
-        logits = F.linear(h[:, 0], self.w.lm_head)  # (1, V)
-        nxt = step + 1
-        self._logits.index_copy_(0, nxt, logits)
-        self._tokens.index_copy_(0, nxt, logits.argmax(-1))
-        step.add_(1)
-
-    # -- running -------------------------------------------------------------------------------
     def _run(self, key, fn, before_each=None):
         if not self.graphs:
             fn()
@@ -501,116 +428,533 @@ class FastTorchBackend:
                 self.graph_failures[str(key)] = msg
                 return _Eager(fn)
 
+
+class _Marks:
+    """Stage boundaries: CUDA events recorded between graph launches (no sync), or CPU clocks."""
+
+    def __init__(self, events=None):
+        self.events, self.marks = events, []
+
+    def __call__(self):
+        if self.events is not None:
+            ev = self.events[len(self.marks)]
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def ms(self) -> list[float]:
+        """After the work has finished (the caller synchronised)."""
+        m = self.marks
+        if self.events is not None:
+            return [m[i].elapsed_time(m[i + 1]) for i in range(len(m) - 1)]
+        return [(m[i + 1] - m[i]) * 1e3 for i in range(len(m) - 1)]
+
+
+# -- the OpenVLA backend -------------------------------------------------------------------------
+
+def padded_batch_size(n: int) -> int:
+    """The captured batch size a batch of n (1..MAX_GRAPH_BATCH) runs at."""
+    for size in GRAPH_BATCH_SIZES:
+        if size >= n:
+            return size
+    raise BackendError(f"a batch of {n} exceeds the largest captured size {GRAPH_BATCH_SIZES[-1]}")
+
+
+class FastTorchBackend(_FusedLlamaRunner):
+    """OpenVLA on the fast path: generate() (one action), generate_batch() (B actions, rows equal
+    to each item alone), launch/collect (the same, split at the one final host sync).
+    max_batch: the batch size (rounded up to a captured size) to allocate for at start; the
+    buffers grow on demand (dropping the graphs captured so far) when a larger batch comes."""
+
+    name = "torch"
+    supports_draft = True  # generate(..., draft=) verifies drafts in the prefill
+
+    def __init__(self, config, checkpoint=None, device=None, dtype=None, *, reference: TorchBackend | None = None,
+                 graphs: bool | None = None, compile_ops: bool | None = None, prompt_bucket: int = PROMPT_BUCKET,
+                 max_batch: int = 1):
+        self.reference = reference if reference is not None else TorchBackend(config, checkpoint, device=device,
+                                                                              dtype=dtype)
+        self.config = config
+        self._init_runner(self.reference.modules, config.llm, self.reference.device, self.reference.dtype, graphs,
+                          compile_ops)
+        self.prompt_bucket = int(prompt_bucket)
+        self.num_patches = int(config.num_patches)
+        self.vocab = int(config.vocab_size)
+        self.pad_id = int(config.pad_token_id)
+        self.last_decode_steps_ms: list[float] = []
+        self.last_accepted = 0  # drafts accepted by the last generate()
+        self.last_batches: list[tuple[int, int]] = []  # (items, captured size) of each chunk of the last call
+        self._pending = None
+        self._cap = self._slots = self._bcap = 0
+        with torch.inference_mode():
+            self._allocate(self.num_patches + 4 * self.prompt_bucket + 8, 8,
+                           padded_batch_size(min(max(int(max_batch), 1), MAX_GRAPH_BATCH)))
+
+    # -- buffers -----------------------------------------------------------------------------
+    def _allocate(self, needed_len: int, num_tokens: int, batch: int = 1) -> None:
+        """(Re)allocate the KV cache and the static buffers for `batch` rows; drops every graph."""
+        cap = max(self._cap, _round_up(needed_len, CACHE_ALIGN))
+        slots = max(self._slots, MIN_TOKEN_SLOTS, num_tokens)
+        bcap = max(self._bcap, batch)
+        if (cap, slots, bcap) == (self._cap, self._slots, self._bcap):
+            return
+        dev, dt = self.device, self.dtype
+        self._graphs.clear()
+        self._kv = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        self._cap, self._slots, self._bcap = cap, slots, bcap
+        self._kv = torch.zeros(self.n_layers, 2, bcap, self.kv_heads, cap, self.head_dim, device=dev, dtype=dt)
+        self._cos, self._sin = self._rope_table(cap)
+        self._arange = torch.arange(cap, device=dev)
+        self._neg_inf = torch.full((cap,), float("-inf"), device=dev, dtype=dt)
+        # tokens / logits: columns 0..slots-1 per row, column `slots` is the scratch column that
+        # a row whose action is complete writes to while the others still decode
+        self._tokens = torch.zeros(bcap, slots + 1, dtype=torch.long, device=dev)
+        self._logits = torch.zeros(bcap, slots + 1, self.vocab, dtype=dt, device=dev)
+        self._step = torch.zeros(bcap, dtype=torch.long, device=dev)
+        self._accepted = torch.zeros(bcap, dtype=torch.long, device=dev)
+        # per row: [sequence length L, last real position L-1, last step (num_tokens-1; 0: a
+        # dummy row), drafts to compare (-1: none) x slots, prompt ids (+ draft ids) padded...]:
+        # one host->device copy per batch
+        pin = dev.type == "cuda"
+        width = 3 + slots + cap
+        self._ints_host = torch.zeros(bcap, width, dtype=torch.long, pin_memory=pin)
+        self._ints_host_np = self._ints_host.numpy()
+        self._ints = torch.zeros(bcap, width, dtype=torch.long, device=dev)
+        self._seq_len, self._last_idx, self._limit = self._ints[:, 0], self._ints[:, 1], self._ints[:, 2]
+        self._draft, self._ids = self._ints[:, 3:3 + slots], self._ints[:, 3 + slots:]
+        self._tokens_host = torch.zeros(bcap, slots + 1, dtype=torch.long, pin_memory=pin)
+        self._accepted_host = torch.zeros(bcap, dtype=torch.long, pin_memory=pin)
+        size = self.config.image_size
+        self._pixels = torch.zeros(bcap, 6, size, size, device=dev, dtype=torch.float32)
+        self._patches = torch.zeros(bcap, self.num_patches, self.modules.vision_dim, device=dev, dtype=dt)
+        self._projected = torch.zeros(bcap, self.num_patches, self.hidden, device=dev, dtype=dt)
+        if dev.type == "cuda":
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4 + slots)]
+            self._done = torch.cuda.Event()
+            self._accepted_ready = torch.cuda.Event()
+
+    # -- the model pieces (the functions that get captured, one set per batch size b) ----------
+    def _vision(self, b: int):
+        self._vision_into(self._pixels[:b], self._patches[:b])
+
+    def _projector(self, b: int):
+        self._projected[:b].copy_(self.modules.projector(self._patches[:b]))
+
+    def _prefill(self, b: int, prompt_pad: int, rows: int = 0):
+        """Row r: [BOS, 256 projected patches, prompt[1:], d1..d_rows, pad...] -> its KV rows,
+        tokens, logits and step. Each row sits at the positions it has alone (position = cache
+        column; pads after its real tokens, which causal attention keeps out of every real
+        position). Without drafts (rows 0): token 0 and logits 0, step 0. With draft rows (d_j
+        at position L+j-1, right after the prompt): the greedy token after each of the rows
+        L-1..L-1+rows, the row's accepted count k (speculative.accepted_length against its
+        drafts, on the device), tokens 0..k valid and step = k (its decode steps go on from
+        there and overwrite the rest, KV rows included)."""
+        S = self.num_patches + prompt_pad
+        emb = F.embedding(self._ids[:b, :prompt_pad], self.w.embed)
+        seq = torch.cat([emb[:, :1], self._projected[:b], emb[:, 1:]], dim=1)
+        cos, sin = self._cos[:S].view(1, S, 1, -1), self._sin[:S].view(1, S, 1, -1)
+        h = self._llm_layers(seq, cos, sin, kv=self._kv[:, :, :b])
+        idx = self._last_idx[:b, None] + self._arange[:rows + 1]  # (b, rows+1): L-1 .. L-1+rows per row
+        picked = h.gather(1, idx.unsqueeze(-1).expand(b, rows + 1, self.hidden))
+        logits = F.linear(picked, self.w.lm_head)  # (b, rows+1, V)
+        predicted = logits.argmax(-1)
+        self._logits[:b, :rows + 1].copy_(logits)
+        self._tokens[:b, :rows + 1].copy_(predicted)
+        if rows:
+            accepted = accepted_length(self._draft[:b, :rows], predicted)
+            self._step[:b].copy_(accepted)
+            self._accepted[:b].copy_(accepted)
+        else:
+            self._step[:b].zero_()
+
+    def _decode_step(self, b: int, kv_len: int):
+        """One token per row: row r reads tokens[r, step_r] at its position L_r+step_r, writes
+        tokens[r, step_r+1] and advances step_r, while step_r < its last step. A row whose action
+        is complete (it accepted more drafts than another row; a dummy row) stops: it writes to the
+        scratch column, its step stays, and what it computes touches only its own KV row."""
+        step, limit = self._step[:b], self._limit[:b]
+        active = step < limit
+        pos = self._seq_len[:b] + step
+        x = F.embedding(self._tokens[:b].gather(1, step.view(b, 1)), self.w.embed)  # (b, 1, hidden)
+        cos = self._cos.index_select(0, pos).view(b, 1, 1, -1)
+        sin = self._sin.index_select(0, pos).view(b, 1, 1, -1)
+        mask = self._decode_mask(b, pos, kv_len)
+        h = self._llm_layers(x, cos, sin, kv=self._kv[:, :, :b], pos=pos, mask=mask, kv_len=kv_len)
+        logits = F.linear(h[:, 0], self.w.lm_head)  # (b, V)
+        nxt = torch.where(active, step + 1, self._slots).view(b, 1)
+        self._logits[:b].scatter_(1, nxt.unsqueeze(-1).expand(b, 1, self.vocab), logits.unsqueeze(1))
+        self._tokens[:b].scatter_(1, nxt, logits.argmax(-1, keepdim=True))
+        step.add_(active.long())
+
+    def _decode_mask(self, b: int, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """(b, 1, 1, kv_len) additive mask, built once per step: row r sees the cache columns up to
+        its own position pos[r] (its prompt, accepted drafts and decoded tokens), never the pads,
+        rejected drafts or stale columns after it (a boolean mask is converted again per layer)."""
+        cols = self._neg_inf[:kv_len].expand(b, kv_len)
+        return cols.masked_fill(self._arange[:kv_len] <= pos.view(b, 1), 0.0).view(b, 1, 1, kv_len)
+
+    # -- running -------------------------------------------------------------------------------
     def _shapes(self, num_prompt: int, num_tokens: int) -> tuple[int, int]:
         prompt_pad = _round_up(num_prompt, self.prompt_bucket)
         kv_len = _round_up(self.num_patches + prompt_pad + max(num_tokens - 1, 1), 16)
         return prompt_pad, kv_len
 
-    def launch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, draft=None) -> None:
-        """Queue the whole action on the device; collect() waits for it. No host sync, except
-        with a draft: one, to read the accepted count (it sets how many decode steps remain).
+    def launch_batch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, drafts=None) -> None:
+        """Queue up to MAX_GRAPH_BATCH actions on the device; collect_batch() waits for them.
 
-        A draft (see speculative.sanitize_draft) occupies num_tokens-1 rows right after the
-        prompt (missing ones: pad ids, compared as -1, never accepted), in a prefill graph of its
-        own per prompt bucket; the decode-step graphs are the plain path's."""
-        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-        if ids.size < 1:
-            raise InputError("empty prompt")
+        The batch runs at the next captured size (1, 2, 4, 8): the rows after the real items are
+        dummy rows (zero pixels, a BOS-only prompt, no decode step of their own) whose results are
+        discarded. No host sync, except with a draft: one, to read the accepted counts (the
+        fewest accepted by a real row sets how many decode steps run; a row that accepted more
+        stops early, see _decode_step).
+
+        A draft (see speculative.sanitize_draft) occupies num_tokens-1 rows right after its item's
+        prompt (missing ones: pad ids, compared as -1, never accepted); with any draft in the
+        batch, every row has those rows (a prefill graph per bucket and batch size with them)."""
+        batch = len(input_ids)
+        if not 1 <= batch <= MAX_GRAPH_BATCH:
+            raise BackendError(f"launch_batch takes 1..{MAX_GRAPH_BATCH} items, got {batch}")
+        if pixel_values.shape[0] != batch:
+            raise BackendError(f"generate_batch: {pixel_values.shape[0]} images for {batch} prompts")
+        if drafts is not None and len(drafts) != batch:
+            raise BackendError(f"generate_batch: {len(drafts)} drafts for {batch} prompts")
         if num_tokens < 1:
             raise InputError(f"num_tokens must be >= 1, got {num_tokens}")
-        drafts = sanitize_draft(draft, num_tokens, self.vocab).tokens
-        rows = num_tokens - 1 if drafts is not None else 0
-        prompt_pad, kv_len = self._shapes(ids.size, num_tokens)
-        prefill_pad = _round_up(ids.size + rows, self.prompt_bucket)  # == prompt_pad without a draft
-        needed = max(kv_len, self.num_patches + prefill_pad)
-        if needed > self._cap or num_tokens > self._slots:
-            self._allocate(needed, num_tokens)
-        L = self.num_patches + ids.size
-        host, slots = self._ints_host_np, self._slots
-        host[0], host[1] = L, L - 1
-        host[2:2 + slots] = -1  # drafts to compare: -1 matches no argmax
-        p = host[2 + slots:]
-        p[:ids.size] = ids
-        p[ids.size:prefill_pad] = self.pad_id
-        if drafts is not None:
-            host[2:2 + drafts.size] = drafts
-            p[ids.size:ids.size + drafts.size] = drafts
+        ids = [np.asarray(x, dtype=np.int64).reshape(-1) for x in input_ids]
+        if any(x.size < 1 for x in ids):
+            raise InputError("empty prompt")
+        clean = [None] * batch if drafts is None else [sanitize_draft(d, num_tokens, self.vocab).tokens
+                                                        for d in drafts]
+        rows = num_tokens - 1 if any(d is not None for d in clean) else 0
+        b = padded_batch_size(batch)
+        longest = max(x.size for x in ids)
+        prompt_pad, kv_len = self._shapes(longest, num_tokens)
+        prefill_pad = _round_up(longest + rows, self.prompt_bucket)  # == prompt_pad without a draft
+        # a finished row keeps its step at num_tokens-1: its (discarded) K/V go to column
+        # L+num_tokens-1 at most, which must exist
+        needed = max(kv_len, self.num_patches + prefill_pad, self.num_patches + longest + num_tokens)
+        if needed > self._cap or num_tokens > self._slots or b > self._bcap:
+            self._allocate(needed, num_tokens, b)
+        host, slots, P = self._ints_host_np, self._slots, self.num_patches
+        for r in range(b):
+            real = r < batch
+            x, last = (ids[r], num_tokens - 1) if real else self._dummy_row(ids[0], num_tokens)
+            row = host[r]
+            row[0], row[1], row[2] = P + x.size, P + x.size - 1, last
+            row[3:3 + slots] = -1  # drafts to compare: -1 matches no argmax
+            p = row[3 + slots:]
+            p[:x.size] = x
+            p[x.size:prefill_pad] = self.pad_id
+            d = clean[r] if real else None
+            if d is not None:
+                row[3:3 + d.size] = d
+                p[x.size:x.size + d.size] = d
         cuda = self.device.type == "cuda"
-        marks = []
-
-        def mark():
-            if cuda:
-                ev = self._events[len(marks)]
-                ev.record()
-                marks.append(ev)
-            else:
-                marks.append(time.perf_counter())
-
+        mark = _Marks(self._events if cuda else None)
         mark()
-        n_ints = 2 + slots + prefill_pad
-        self._ints[:n_ints].copy_(self._ints_host[:n_ints], non_blocking=True)
-        self._pixels.copy_(pixel_values, non_blocking=True)
-        self._run("vision", self._vision)
+        self._ints[:b].copy_(self._ints_host[:b], non_blocking=True)
+        self._pixels[:batch].copy_(pixel_values, non_blocking=True)
+        if b > batch:
+            self._dummy_pixels(self._pixels[batch:b])
+        self._run(("vision", b), lambda: self._vision(b))
         mark()
-        self._run("projector", self._projector)
+        self._run(("projector", b), lambda: self._projector(b))
         mark()
-        self._run(("prefill", prefill_pad, rows), lambda: self._prefill(prefill_pad, rows))
+        self._run(("prefill", prefill_pad, rows, b), lambda: self._prefill(b, prefill_pad, rows))
         mark()
-        accepted = 0
+        accepted = np.zeros(batch, np.int64)
         if rows:
-            if cuda:  # the one host sync of a drafted action: how many decode steps remain
-                self._accepted_host.copy_(self._accepted, non_blocking=True)
+            if cuda:  # the one host sync of a drafted batch: how many decode steps remain
+                self._accepted_host[:b].copy_(self._accepted[:b], non_blocking=True)
                 self._accepted_ready.record()
                 self._accepted_ready.synchronize()
-                accepted = int(self._accepted_host[0])
+                accepted = self._accepted_host[:batch].numpy().astype(np.int64).copy()
             else:
-                accepted = int(self._accepted[0])
-        saved_step = self._step.clone() if self.graphs else None
-        for _ in range(num_tokens - 1 - accepted):
-            self._run(("decode", kv_len), lambda: self._decode_step(kv_len),
-                      before_each=lambda: self._step.copy_(saved_step))
+                accepted = self._accepted[:batch].numpy().astype(np.int64).copy()
+        saved_step = self._step[:b].clone() if self.graphs else None
+        for _ in range(num_tokens - 1 - int(accepted.min())):
+            self._run(("decode", kv_len, b), lambda: self._decode_step(b, kv_len),
+                      before_each=lambda: self._step[:b].copy_(saved_step))
             mark()
-        self._tokens_host[:num_tokens].copy_(self._tokens[:num_tokens], non_blocking=True)
+        self._tokens_host[:b].copy_(self._tokens[:b], non_blocking=True)
         if cuda:
             self._done.record()
-        self._pending = (num_tokens, marks, accepted)
+        self._pending = (batch, b, num_tokens, mark, accepted)
 
-    def collect(self):
-        num_tokens, marks, accepted = self._pending
+    def _dummy_row(self, first_ids: np.ndarray, num_tokens: int) -> tuple[np.ndarray, int]:
+        """(prompt ids, last step) of a dummy row: BOS only, last step 0 (no decode step of its own)."""
+        return first_ids[:1], 0
+
+    def _dummy_pixels(self, pixels: torch.Tensor) -> None:
+        pixels.zero_()
+
+    def collect_batch(self):
+        """-> (tokens int64[items, num_tokens], accepted int64[items], timings_ms) of launch_batch."""
+        batch, b, num_tokens, mark, accepted = self._pending
         self._pending = None
         if self.device.type == "cuda":
             self._done.synchronize()  # the one host sync: the tokens have landed in pinned memory
-            ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
-        else:
-            ms = [(marks[i + 1] - marks[i]) * 1e3 for i in range(len(marks) - 1)]
-        tokens = self._tokens_host[:num_tokens].numpy().astype(np.int64).copy()
+        ms = mark.ms()
+        tokens = self._tokens_host[:batch, :num_tokens].numpy().astype(np.int64).copy()
         self.last_decode_steps_ms = ms[3:]
-        self.last_accepted = accepted
+        self.last_batches.append((batch, b))
         timings = {"vision": ms[0], "projector": ms[1], "prefill": ms[2], "decode": float(sum(ms[3:]))}
-        return tokens, timings
+        return tokens, accepted, timings
+
+    def launch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, draft=None) -> None:
+        """One action (a batch of one): collect() waits for it. No host sync, except with a draft."""
+        self.last_batches = []
+        self.launch_batch(pixel_values, [input_ids], num_tokens, None if draft is None else [draft])
+
+    def collect(self):
+        tokens, accepted, timings = self.collect_batch()
+        self.last_accepted = int(accepted[0])
+        return tokens[0], timings
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int, draft=None):
         self.launch(pixel_values, input_ids, num_tokens, draft)
         return self.collect()
 
-    def last_logits(self, num_tokens: int | None = None) -> torch.Tensor:
-        """float32 (num_tokens, vocab) logits of the last generate() (CPU copy, for diagnostics)."""
+    @torch.inference_mode()
+    def generate_batch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, drafts=None):
+        """Greedy action tokens for B items (the backend contract of backends/__init__.py): row i's
+        tokens are those generate() gives item i alone. Runs in chunks of MAX_GRAPH_BATCH items,
+        each at the next captured batch size (see launch_batch); timings are summed over chunks."""
+        batch = len(input_ids)
+        if pixel_values.shape[0] != batch:
+            raise BackendError(f"generate_batch: {pixel_values.shape[0]} images for {batch} prompts")
+        if drafts is not None and len(drafts) != batch:
+            raise BackendError(f"generate_batch: {len(drafts)} drafts for {batch} prompts")
+        self.last_batches = []
+        tokens, accepted, total = [], [], {"vision": 0.0, "projector": 0.0, "prefill": 0.0, "decode": 0.0}
+        for start in range(0, batch, MAX_GRAPH_BATCH):
+            end = min(start + MAX_GRAPH_BATCH, batch)
+            self.launch_batch(pixel_values[start:end], input_ids[start:end], num_tokens,
+                              None if drafts is None else drafts[start:end])
+            tok, acc, t = self.collect_batch()
+            tokens.append(tok)
+            accepted.append(acc)
+            for k, v in t.items():
+                total[k] += v
+        if not tokens:
+            return np.zeros((0, num_tokens), np.int64), np.zeros(0, np.int64), total
+        return np.concatenate(tokens), np.concatenate(accepted), total
+
+    def last_logits(self, num_tokens: int | None = None, row: int = 0) -> torch.Tensor:
+        """float32 (num_tokens, vocab) logits of row `row` of the last (chunk of a) batch: a CPU copy
+        (never a view of the buffer the next call overwrites)."""
         n = num_tokens or self._slots
-        return self._logits[:n].float().cpu()
+        return self._logits[row, :n].to("cpu", torch.float32, copy=True)
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "path": "fast", "cuda_graphs": self.graphs, "elementwise_ops": self.ops_note,
                 "prompt_bucket": self.prompt_bucket, "kv_cache_capacity": self._cap,
-                "graphs_captured": len([g for g in self._graphs.values() if not isinstance(g, _Eager)]),
-                "graph_failures": dict(self.graph_failures)}
+                "graph_batch_sizes": list(GRAPH_BATCH_SIZES), "batch_capacity": self._bcap,
+                "graphs_captured": _graph_count(self._graphs), "graph_failures": dict(self.graph_failures)}
 
     def close(self):
         self._graphs.clear()
         self._kv = None
         self.w = None
         self.modules = None
+        if self.reference is not None:
+            self.reference.close()
+            self.reference = None
+
+
+# -- the OpenVLA-OFT pass ---------------------------------------------------------------------------
+
+@dataclass
+class _OFTBuffers:
+    """Static buffers of one OFT pass shape: (images, proprio token, text bucket)."""
+
+    pixels: torch.Tensor  # (images, 6, S, S) float32
+    patches: torch.Tensor  # (images, 256, vision_dim)
+    prefix: torch.Tensor  # (1, images x 256 (+1 proprio), hidden)
+    proprio: torch.Tensor | None  # (1, PROPRIO_DIM) float32
+    ints: torch.Tensor  # [valid length L, first action row, first placeholder (ids index), ids padded...]
+    ints_host: torch.Tensor
+    proprio_host: torch.Tensor | None
+    cos: torch.Tensor
+    sin: torch.Tensor
+    arange: torch.Tensor
+    neg_inf: torch.Tensor
+    rows: torch.Tensor  # (CHUNK x ACTION_DIM, hidden): final-norm hidden states of the action rows
+    out: torch.Tensor  # (CHUNK, ACTION_DIM) float32 normalised actions, or (CHUNK x ACTION_DIM,) tokens
+    out_host: torch.Tensor
+
+
+class FastOFTModel(_FusedLlamaRunner):
+    """The OpenVLA-OFT pass (model/oft.py) on the fast path: the reference OFTTorchModel's modules,
+    head and proprio projector (shared, weights fused in place), run on static buffers.
+
+    Text [BOS ... 29871, CHUNK x ACTION_DIM placeholders, stop] is padded to a multiple of
+    prompt_bucket with pad ids AFTER the stop token; every query attends every real key
+    (bidirectional, as the OFT transformers fork) and no query attends a pad key (an additive
+    key mask built on the device from the valid length), so positions 0..L-1 and every real
+    row are those of the unpadded pass. The placeholders' embeddings are zeroed on the device
+    (from the first placeholder's index), the action rows gathered from the first action row.
+
+    On CUDA three graphs per shape (images, proprio, text bucket), replayed back to back without
+    a host sync: vision, projector (+ proprio token), and the bidirectional LLM forward with the
+    head (L1 head or the discrete fallback's argmax) as ONE graph; stage times from CUDA events
+    between them ("llm" includes the head, "head" is 0.0). The one sync is the final copy of the
+    chunk. On the CPU (or graphs=False) the same functions run eagerly."""
+
+    name = "torch"
+
+    def __init__(self, reference, *, graphs: bool | None = None, compile_ops: bool | None = None,
+                 prompt_bucket: int = PROMPT_BUCKET):
+        self.reference = reference
+        self.config, self.spec, self.codec = reference.config, reference.spec, reference.codec
+        self.head, self.proprio_projector = reference.head, reference.proprio_projector
+        self._init_runner(reference.modules, reference.config.llm, reference.device, reference.dtype, graphs,
+                          compile_ops)
+        self.prompt_bucket = int(prompt_bucket)
+        self.num_patches = int(self.config.num_patches)
+        self.pad_id = int(self.config.pad_token_id)
+        self._buffers: dict[tuple, _OFTBuffers] = {}
+        if self.device.type == "cuda":
+            self._events = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            self._done = torch.cuda.Event()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "path": "fast", "cuda_graphs": self.graphs, "elementwise_ops": self.ops_note,
+                "prompt_bucket": self.prompt_bucket, "graphs_captured": _graph_count(self._graphs),
+                "graph_failures": dict(self.graph_failures)}
+
+    def layout(self, prompt_len: int, num_images: int, with_proprio: bool):
+        return self.reference.layout(prompt_len, num_images, with_proprio)
+
+    def _alloc(self, key) -> _OFTBuffers:
+        n_img, with_proprio, text_pad = key
+        dev, dt, pin = self.device, self.dtype, self.device.type == "cuda"
+        n_prefix = n_img * self.num_patches + int(with_proprio)
+        S = n_prefix + text_pad
+        size = self.config.image_size
+        cos, sin = self._rope_table(S)
+        A = self.spec.num_action_tokens
+        p_dim = self.spec.proprio_dim
+        if self.head is not None:
+            out = torch.zeros(self.spec.num_actions_chunk, self.spec.action_dim, device=dev, dtype=torch.float32)
+        else:
+            out = torch.zeros(A, device=dev, dtype=torch.long)
+        return _OFTBuffers(
+            pixels=torch.zeros(n_img, 6, size, size, device=dev, dtype=torch.float32),
+            patches=torch.zeros(n_img, self.num_patches, self.modules.vision_dim, device=dev, dtype=dt),
+            prefix=torch.zeros(1, n_prefix, self.hidden, device=dev, dtype=dt),
+            proprio=torch.zeros(1, p_dim, device=dev, dtype=torch.float32) if with_proprio else None,
+            ints=torch.zeros(3 + text_pad, device=dev, dtype=torch.long),
+            ints_host=torch.zeros(3 + text_pad, dtype=torch.long, pin_memory=pin),
+            proprio_host=torch.zeros(1, p_dim, dtype=torch.float32, pin_memory=pin) if with_proprio else None,
+            cos=cos, sin=sin, arange=torch.arange(S, device=dev),
+            neg_inf=torch.full((S,), float("-inf"), device=dev, dtype=dt),
+            rows=torch.zeros(A, self.hidden, device=dev, dtype=dt),
+            out=out, out_host=torch.zeros(out.shape, dtype=out.dtype, pin_memory=pin))
+
+    # -- the pieces (captured per shape) ---------------------------------------------------------
+    def _oft_vision(self, buf: _OFTBuffers):
+        self._vision_into(buf.pixels, buf.patches)
+
+    def _oft_projector(self, buf: _OFTBuffers):
+        n = buf.patches.shape[0] * self.num_patches
+        buf.prefix[:, :n].copy_(self.modules.projector(buf.patches.reshape(1, n, -1)))
+        if buf.proprio is not None:  # one token after all the patches
+            buf.prefix[:, n:].copy_(self.proprio_projector(buf.proprio.to(self.dtype)).unsqueeze(1))
+
+    def _key_mask(self, buf: _OFTBuffers, valid_len: torch.Tensor) -> torch.Tensor:
+        """(1, 1, S, S) additive, built once per pass: 0 at the real keys (columns < L), -inf at the
+        pads, the same row for every query (bidirectional: nothing else is masked). Materialised
+        like the 4-D mask transformers hands SDPA, not a stride-0 broadcast."""
+        S = buf.arange.shape[0]
+        row = buf.neg_inf.masked_fill(buf.arange < valid_len, 0.0)
+        return row.expand(S, S).contiguous().view(1, 1, S, S)
+
+    def _oft_llm(self, buf: _OFTBuffers):
+        """[emb(BOS), prefix, emb(prompt[1:]), zeros (placeholders), emb(stop), pads] -> one
+        bidirectional forward -> the action rows -> head (or argmax of the LM logits)."""
+        A, text_pad = self.spec.num_action_tokens, buf.ints.shape[0] - 3
+        valid_len, first_row, first_placeholder = buf.ints[0:1], buf.ints[1:2], buf.ints[2:3]
+        emb = F.embedding(buf.ints[3:], self.w.embed)  # (text_pad, hidden)
+        j = buf.arange[:text_pad]
+        placeholder = (j >= first_placeholder) & (j < first_placeholder + A)
+        emb = emb.masked_fill(placeholder.unsqueeze(-1), 0.0)
+        seq = torch.cat([emb[:1], buf.prefix[0], emb[1:]], dim=0).unsqueeze(0)
+        S = seq.shape[1]
+        h = self._llm_layers(seq, buf.cos.view(1, S, 1, -1), buf.sin.view(1, S, 1, -1),
+                             mask=self._key_mask(buf, valid_len), causal=False)
+        rows = h[0].index_select(0, first_row + buf.arange[:A])
+        buf.rows.copy_(rows)
+        if self.head is not None:
+            buf.out.copy_(self.head(rows.unsqueeze(0), self.spec.num_actions_chunk)[0].float())
+        else:
+            buf.out.copy_(F.linear(rows, self.w.lm_head).argmax(-1))
+
+    @torch.inference_mode()
+    def run(self, pixel_values: torch.Tensor, prompt_ids, proprio_normalized=None):
+        """Same contract as OFTTorchModel.run: pixel_values (N, 6, S, S), one row per image
+        (primary first); prompt_ids [BOS ... 29871]; proprio_normalized (PROPRIO_DIM,) or None."""
+        from ..oft import OFTLayout, OFTPassOutput, oft_input_ids
+
+        if (proprio_normalized is None) != (self.proprio_projector is None):
+            raise InputError("proprio is required by this checkpoint's proprio projector" if proprio_normalized is None
+                             else "this checkpoint has no proprio projector: proprio must be None")
+        spec, P = self.spec, self.num_patches
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        ids = oft_input_ids(prompt, spec.num_action_tokens)
+        n_img, with_proprio = int(pixel_values.shape[0]), proprio_normalized is not None
+        text_pad = _round_up(ids.size, self.prompt_bucket)
+        key = (n_img, with_proprio, text_pad)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = self._alloc(key)
+        layout = OFTLayout(prompt.size, n_img * P + int(with_proprio), spec.num_action_tokens)
+        host = buf.ints_host.numpy()
+        host[0], host[1], host[2] = layout.length, layout.action_rows_start, prompt.size
+        host[3:3 + ids.size] = ids
+        host[3 + ids.size:] = self.pad_id
+        cuda = self.device.type == "cuda"
+        mark = _Marks(self._events if cuda else None)
+        mark()
+        buf.ints.copy_(buf.ints_host, non_blocking=True)
+        buf.pixels.copy_(pixel_values, non_blocking=True)
+        if with_proprio:
+            buf.proprio_host.copy_(torch.as_tensor(np.asarray(proprio_normalized, np.float32)).view(1, -1))
+            buf.proprio.copy_(buf.proprio_host, non_blocking=True)
+        self._run(("oft-vision", *key), lambda: self._oft_vision(buf))
+        mark()
+        self._run(("oft-projector", *key), lambda: self._oft_projector(buf))
+        mark()
+        self._run(("oft-llm", *key), lambda: self._oft_llm(buf))
+        mark()
+        buf.out_host.copy_(buf.out, non_blocking=True)
+        if cuda:
+            self._done.record()
+            self._done.synchronize()  # the one host sync: the chunk has landed in pinned memory
+        ms = mark.ms()
+        out = buf.out_host.numpy().copy()
+        tokens = oor = None
+        if self.head is not None:
+            normalized = out
+        else:  # discrete fallback: the LM's greedy token at each action row, decoded as OpenVLA bins
+            decoded = self.codec.decode_tokens(out)
+            shape = (spec.num_actions_chunk, spec.action_dim)
+            normalized, tokens, oor = (decoded.normalized.reshape(shape), out.astype(np.int64).reshape(shape),
+                                       decoded.out_of_range.reshape(shape))
+        timings = {"vision": ms[0], "projector": ms[1], "llm": ms[2], "head": 0.0}
+        return OFTPassOutput(buf.rows.clone().unsqueeze(0), np.asarray(normalized, np.float32), tokens, oor, layout,
+                             timings)
+
+    def close(self):
+        self._graphs.clear()
+        self._buffers.clear()
+        self.w = self.modules = self.head = self.proprio_projector = None
         if self.reference is not None:
             self.reference.close()
             self.reference = None
