@@ -223,7 +223,7 @@ def test_fused_decode_step_logits_equal_the_legacy_graphs(tiny_weights, tiny_pol
                          cache_dir=None, trace=False, profile_overrides={"decode_graph": graph})
         try:
             tokens, _ = be.generate(px, ids, 3)  # prefill + 2 decode steps written to the KV cache
-            length = be.llm.sequence_length(len(ids), be.vision.towers[0].num_patches)
+            length = be.llm.sequence_length(len(ids), be.vision.num_patches)
             be.llm.set_step_inputs(int(tokens[-1]), length + 2)
             logits[graph] = be.llm.logits_to_torch(be.llm.decode_step())
         finally:
@@ -293,3 +293,74 @@ def test_emulated_trace_replays_on_the_captured_buffers_and_refuses_host_transfe
     with pytest.raises(RuntimeError, match="host transfer"):
         emu.to_torch(emu.get_device_tensors(out)[0])
     emu.end_trace_capture(mesh, tid2)
+
+
+# ---- heads ops of prefill-style attention (vision) -----------------------------------------------
+def test_create_qkv_heads_splits_the_fused_rows_head_by_head():
+    """nlp_create_qkv_heads' emulation against an index-by-index composition: head h of Q at row
+    s is columns [h*d, (h+1)*d) of row s, then the K heads, then the V heads; K transposed to
+    [B, nkv, d, S] by default, not with transpose_k_heads=False."""
+    b, s, nh, nkv, d = 1, 5, 3, 2, 8
+    x = torch.randn(b, 1, s, (nh + 2 * nkv) * d, generator=torch.Generator().manual_seed(1))
+    q, k, v = xo.create_qkv_heads(x, nh, nkv, transpose_k_heads=False)
+    assert (q.shape, k.shape, v.shape) == ((b, nh, s, d), (b, nkv, s, d), (b, nkv, s, d))
+    for r in range(s):
+        for h in range(nh):
+            torch.testing.assert_close(q[0, h, r], x[0, 0, r, h * d:(h + 1) * d])
+        for h in range(nkv):
+            torch.testing.assert_close(k[0, h, r], x[0, 0, r, (nh + h) * d:(nh + h + 1) * d])
+            torch.testing.assert_close(v[0, h, r], x[0, 0, r, (nh + nkv + h) * d:(nh + nkv + h + 1) * d])
+    _, kt, _ = xo.create_qkv_heads(x, nh, nkv)  # the op's default: K transposed
+    torch.testing.assert_close(kt, k.transpose(-2, -1))
+    with pytest.raises(ValueError, match="nlp_create_qkv_heads"):
+        xo.create_qkv_heads(x[..., :-1], nh, nkv)
+
+
+def test_concat_heads_puts_head_h_at_columns_h_times_d():
+    """nlp_concat_heads' emulation against an index-by-index composition, and the inverse of the
+    heads split: [B, heads, S, d] -> [B, 1, S, heads*d]."""
+    b, h, s, d = 1, 4, 3, 8
+    o = torch.randn(b, h, s, d, generator=torch.Generator().manual_seed(2))
+    out = xo.concat_heads(o)
+    assert out.shape == (b, 1, s, h * d)
+    for r in range(s):
+        for j in range(h):
+            torch.testing.assert_close(out[0, 0, r, j * d:(j + 1) * d], o[0, j, r])
+    fused = torch.cat([out, out, out], dim=-1)  # [Q | K | V] with the same heads
+    q, _, _ = xo.create_qkv_heads(fused, h, h, transpose_k_heads=False)
+    torch.testing.assert_close(q, o)
+
+
+def test_clone_emulation_copies_like_the_device_op():
+    """ttnn.clone's golden returns its input object; the device op writes a new buffer. The
+    emulation must give ttnn's golden values in NEW storage: an in-place write to the input
+    afterwards (what a trace replay does) leaves the clone unchanged."""
+    emu = GoldenTTNN(2)
+    emu.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    mesh = emu.open_mesh_device((1, 2))
+    x = emu.from_torch(torch.randn(1, 1, 4, 32), dtype=ttnn.bfloat16, device=mesh,
+                       mesh_mapper=emu.ReplicateTensorToMesh(mesh))
+    c = emu.clone(x)
+    want = [ttnn.get_golden_function(ttnn.clone)(s).clone() for s in x.shards]
+    for s in x.shards:
+        s.add_(1.0)
+    for got, w in zip(c.shards, want):
+        torch.testing.assert_close(got, w, rtol=0, atol=0)
+
+
+def test_copy_emulation_writes_into_its_second_tensor_in_place():
+    """ttnn.copy(a, b) writes a into b in place (its docstring; its golden only returns the
+    value): b's own storage holds a's values afterwards, b is returned, shapes must match."""
+    emu = GoldenTTNN(2)
+    emu.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    mesh = emu.open_mesh_device((1, 2))
+    rep = emu.ReplicateTensorToMesh(mesh)
+    a = emu.from_torch(torch.randn(1, 1, 4, 32), dtype=ttnn.bfloat16, device=mesh, mesh_mapper=rep)
+    b = emu.from_torch(torch.zeros(1, 1, 4, 32), dtype=ttnn.bfloat16, device=mesh, mesh_mapper=rep)
+    storage = [s for s in b.shards]
+    assert emu.copy(a, b) is b
+    for got, src, want in zip(b.shards, storage, a.shards):
+        assert got is src
+        torch.testing.assert_close(got, ttnn.get_golden_function(ttnn.copy)(want, got), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shapes"):
+        emu.copy(a, emu.from_torch(torch.zeros(1, 1, 2, 32), device=mesh, mesh_mapper=rep))

@@ -200,7 +200,7 @@ def test_device_dying_mid_run_closes_the_mesh(tiny_policy):
     from openvla_model.checkpoint import Checkpoint
 
     class Dying(GoldenTTNN):
-        def _experimental_all_gather_async(self, *a, **k):
+        def _experimental_reduce_scatter_minimal_async(self, *a, **k):  # the first CCL after vision's all-gather
             raise RuntimeError("TT_THROW: timeout waiting for ethernet core (simulated)")
 
     emu = Dying(2)

@@ -24,7 +24,7 @@ import ttnn
 PASSTHROUGH = {"Topology", "UnaryOpType", "L1_HEIGHT_SHARDED_MEMORY_CONFIG", "Shape",
                "LayerNormShardedMultiCoreProgramConfig"}
 EXPERIMENTAL_OPS = {"all_gather_async", "reduce_scatter_minimal_async", "nlp_create_qkv_heads_decode",
-                    "rotary_embedding_hf", "nlp_concat_heads_decode"}
+                    "rotary_embedding_hf", "nlp_concat_heads_decode", "nlp_create_qkv_heads", "nlp_concat_heads"}
 TILE = 32
 _ids = itertools.count()
 
@@ -104,6 +104,34 @@ def concat_heads_decode(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return out
 
 
+def create_qkv_heads(x: torch.Tensor, num_heads: int, num_kv_heads: int | None = None,
+                     transpose_k_heads: bool = True):
+    """ttnn.experimental.nlp_create_qkv_heads (prefill / vision): "Shuffles [B, 1, S, 3 * head_dim *
+    num_heads] fused qkv matrix into 3 Q, K, and V heads with shapes [B, num_heads, S, head_dim],
+    [B, num_kv_heads, head_dim, S], and [B, num_kv_heads, S, head_dim]. ... num_kv_heads defaults
+    to num_heads if not provided. An additional transpose along the last two dims is performed by
+    default for K heads, but this can be skipped with transpose_k_heads=false." The fused row is
+    [Q heads | K heads | V heads], each head's head_dim contiguous (the layout tt_transformers'
+    image attention builds its per-chip wqkv in); head_dim = width / (num_heads + 2 num_kv_heads)."""
+    nkv = num_kv_heads or num_heads
+    b, one, s, width = x.shape
+    if one != 1 or width % (num_heads + 2 * nkv):
+        raise ValueError(f"nlp_create_qkv_heads: input {tuple(x.shape)} is not [B, 1, S, d*(nh+2nkv)]")
+    d = width // (num_heads + 2 * nkv)
+    heads = x.reshape(b, s, num_heads + 2 * nkv, d).permute(0, 2, 1, 3)  # [B, heads, S, d]
+    q, k, v = torch.split(heads, [num_heads, nkv, nkv], dim=1)
+    if transpose_k_heads:
+        k = k.transpose(-2, -1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def concat_heads(x: torch.Tensor) -> torch.Tensor:
+    """ttnn.experimental.nlp_concat_heads: "Shuffles [B, num_heads, S, head_dim] tensor into
+    tensor with shape [B, 1, S, num_heads * head_dim]" (head h at columns [h*d, (h+1)*d))."""
+    b, h, s, d = x.shape
+    return x.permute(0, 2, 1, 3).reshape(b, 1, s, h * d).contiguous()
+
+
 def padded_view(x: torch.Tensor, shape, padded_shape) -> torch.Tensor:
     """ttnn.reshape(x, logical_shape, padded_shape) with x's padded shape unchanged: a view that
     only changes the logical shape (no device op, verified on the mock); shrinking the logical
@@ -178,6 +206,24 @@ def _experimental_nlp_concat_heads_decode(self, x, *, num_heads, **kw):
     return EmuTensor([concat_heads_decode(s, num_heads) for s in x.shards])
 
 
+def _experimental_nlp_create_qkv_heads(self, x, input_kv=None, *, num_heads, num_kv_heads=None,
+                                       transpose_k_heads=True, kv_tied=False, **kw):
+    from .emulator import EmuTensor
+
+    if input_kv is not None or kv_tied:
+        raise NotImplementedError("GoldenTTNN emulates nlp_create_qkv_heads on one fused input only")
+    self.ops_run["nlp_create_qkv_heads"] = self.ops_run.get("nlp_create_qkv_heads", 0) + 1
+    outs = [create_qkv_heads(s, num_heads, num_kv_heads, transpose_k_heads) for s in x.shards]
+    return tuple(EmuTensor([o[j] for o in outs]) for j in range(3))
+
+
+def _experimental_nlp_concat_heads(self, x, **kw):
+    from .emulator import EmuTensor
+
+    self.ops_run["nlp_concat_heads"] = self.ops_run.get("nlp_concat_heads", 0) + 1
+    return EmuTensor([concat_heads(s) for s in x.shards])
+
+
 def reshape(self, t, shape, padded_shape=None, **kw):
     """ttnn.reshape: its golden for (x, shape); with a padded shape, the padded view above."""
     from .emulator import EmuTensor
@@ -186,6 +232,30 @@ def reshape(self, t, shape, padded_shape=None, **kw):
         return self._per_chip("reshape", ttnn.get_golden_function(ttnn.reshape), (t, tuple(shape)), kw)
     self.ops_run["reshape_view"] = self.ops_run.get("reshape_view", 0) + 1
     return EmuTensor([padded_view(s, shape, padded_shape) for s in t.shards])
+
+
+def clone(self, t, **kw):
+    """ttnn.clone: "Clones the input tensor, creating a copy" (dtype / memory config aside, which
+    the emulator ignores). Its golden returns the input itself; the device op writes a new
+    buffer, so the emulation copies each shard (a later in-place write to the input, e.g. a
+    trace replay, must not show through)."""
+    from .emulator import EmuTensor
+
+    self.ops_run["clone"] = self.ops_run.get("clone", 0) + 1
+    return EmuTensor([s.clone() for s in t.shards])
+
+
+def copy(self, a, b, **kw):
+    """ttnn.copy: "Copies the elements from input_a into input_b. input_b is modified in place.
+    Both input tensors must be of equal shape." Its golden returns the value without writing
+    input_b (unless given a private flag): the emulation writes each shard of b in place and
+    returns b, as the device op does."""
+    self.ops_run["copy"] = self.ops_run.get("copy", 0) + 1
+    for x, y in zip(a.shards, b.shards, strict=True):
+        if tuple(x.shape) != tuple(y.shape):
+            raise ValueError(f"copy: shapes {tuple(x.shape)} and {tuple(y.shape)} differ")
+        y.copy_(x)
+    return b
 
 
 def typecast(self, t, dtype, **kw):
@@ -204,9 +274,10 @@ def typecast(self, t, dtype, **kw):
 def install(cls, passthrough: set) -> set:
     """Add the emulations to GoldenTTNN; returns the names reached under tt.experimental."""
     passthrough.update(PASSTHROUGH)
-    for fn in (create_global_semaphore, typecast, reshape, _experimental_reduce_scatter_minimal_async,
+    for fn in (create_global_semaphore, typecast, reshape, clone, copy, _experimental_reduce_scatter_minimal_async,
                _experimental_all_gather_async, _experimental_nlp_create_qkv_heads_decode,
-               _experimental_rotary_embedding_hf, _experimental_nlp_concat_heads_decode):
+               _experimental_rotary_embedding_hf, _experimental_nlp_concat_heads_decode,
+               _experimental_nlp_create_qkv_heads, _experimental_nlp_concat_heads):
         setattr(cls, fn.__name__, fn)
     from .emulator import EmuTensor
 

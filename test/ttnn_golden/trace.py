@@ -60,6 +60,7 @@ class TracingGoldenTTNN:
         self.traces: dict[int, list] = {}
         self.capturing: int | None = None
         self.replays = 0
+        self.replayed: list[int] = []  # trace ids in the order execute_trace replayed them
         self.host_io = {"write": 0, "read": 0}
         self._calls = _Recorder(self, self.emu)
 
@@ -91,6 +92,7 @@ class TracingGoldenTTNN:
         if self.capturing is not None:
             raise RuntimeError("execute_trace while capturing")
         self.replays += 1
+        self.replayed.append(tid)
         for _, fn, args, kwargs, recorded in self.traces[tid]:
             _write_into(recorded, fn(*args, **kwargs))
 

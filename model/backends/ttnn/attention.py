@@ -16,6 +16,11 @@ WQKV's input layout -> DRAM-sharded WQKV -> nlp_create_qkv_heads_decode (q, k, v
 sdpa decode -> one reshard to height-sharded -> nlp_concat_heads_decode -> a view back to the
 logical single row (no device op) -> reshard to WO's input -> DRAM-sharded WO -> all-reduce
 (ccl.py) into the residual's layout: 13 device ops, 2 of them collectives.
+
+Prefill: fused QKV matmul -> `nlp_create_qkv_heads` (the per-chip [Q | K | V] row -> (1, heads,
+rows, d) each, K untransposed) -> RoPE -> fill_cache -> SDPA -> `nlp_concat_heads` -> WO ->
+all-reduce (28 device ops per decoder layer with the norms and the MLP; 37 with the former slice +
+reshape + permute head split, which also uploaded an index table inside each tiled reshape).
 """
 from __future__ import annotations
 
@@ -133,22 +138,23 @@ class Attention:
         edges = [0, hl * d, (hl + kl) * d, (hl + 2 * kl) * d]
         return [tt.slice(qkv, [0, 0, 0, edges[j]], [1, 1, rows, edges[j + 1]]) for j in range(3)]
 
-    def prefill(self, x, seq: int, cos, sin):
+    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None):
         """x: (1, 1, seq, hidden) normed, replicated -> all-reduced (1, 1, seq, hidden).
-        Fills KV-cache rows 0..seq-1 of this chip's heads."""
+        Fills KV-cache rows 0..seq-1 of this chip's heads. causal=False: every row attends to every
+        key not masked by attn_mask ((1, 1, seq, seq) additive; OpenVLA-OFT, backends/ttnn/oft.py)."""
         tt, d = self.tt, self.head_dim
         qkv = self.wqkv.prefill(x, self.act_dtype)
-        q, k, v = self._split(qkv, seq)
-        q = tt.permute(tt.reshape(q, (1, seq, self.local_heads, d)), (0, 2, 1, 3))  # (1, hl, seq, d)
-        k = tt.permute(tt.reshape(k, (1, seq, self.local_kv, d)), (0, 2, 1, 3))
-        v = tt.permute(tt.reshape(v, (1, seq, self.local_kv, d)), (0, 2, 1, 3))
+        # the per-chip fused row is [Q heads | K heads | V heads]: one op gives (1, heads, seq, d) each
+        q, k, v = tt.experimental.nlp_create_qkv_heads(qkv, num_heads=self.local_heads, num_kv_heads=self.local_kv,
+                                                       transpose_k_heads=False, memory_config=tt.DRAM_MEMORY_CONFIG)
         q = self.rope.apply(q, cos, sin, self.qkv_compute)
         k = self.rope.apply(k, cos, sin, self.qkv_compute)
         tt.fill_cache(self.k_cache, k, 0)
         tt.fill_cache(self.v_cache, v, 0)
-        o = tt.transformer.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                        compute_kernel_config=self.sdpa_compute)
-        o = tt.reshape(tt.permute(o, (0, 2, 1, 3)), (1, 1, seq, self.local_heads * d))
+        o = tt.transformer.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
+                                                        compute_kernel_config=self.sdpa_compute,
+                                                        **({} if attn_mask is None else {"attn_mask": attn_mask}))
+        o = tt.experimental.nlp_concat_heads(o, memory_config=tt.DRAM_MEMORY_CONFIG)  # (1, 1, seq, hl * d)
         out = self.wo.prefill(o, self.act_dtype)
         return self.ccl.all_reduce(out, prefill=True)
 

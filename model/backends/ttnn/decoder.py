@@ -42,9 +42,9 @@ class DecoderLayer:
     def _norm(self, x, w):
         return self.tt.rms_norm(x, weight=w, epsilon=self.eps, compute_kernel_config=self.norm_compute)
 
-    def prefill(self, x, seq: int, cos, sin):
+    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None):
         tt = self.tt
-        x = tt.add(x, self.attention.prefill(self._norm(x, self.attn_norm), seq, cos, sin))
+        x = tt.add(x, self.attention.prefill(self._norm(x, self.attn_norm), seq, cos, sin, causal, attn_mask))
         return tt.add(x, self.mlp(self._norm(x, self.ffn_norm)))
 
     def decode(self, x, pos, cos, sin):

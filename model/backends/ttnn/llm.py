@@ -11,6 +11,15 @@ writes its argmax into `token_bufs[k + 1]` and advances both position tensors on
 (`ttnn.plus_one`, in place). The 7 tokens are concatenated on the device and read back once. The
 same `decode_steps` runs untraced (emulator, mock devices, warm-up) and is what the backend
 captures as ONE trace per action: the trace reads and writes only those fixed device tensors.
+
+Draft rows (speculative action decoding, model/speculative.py): `embed_sequence(..., draft=d)`
+puts the m draft ids right after the prompt, at positions L..L+m-1 (inside the 32-row padding of
+the prefill when L+m stays in L's bucket, else one bucket more); `prefill(x, L, rows=m+1)` runs
+the LM head on rows L-1..L-1+m and `draft_predictions` writes their argmax (on the device) into a
+preallocated (1, 1, m+1) uint32 tensor, read back ONCE by the backend, which verifies the drafts.
+The remaining decode steps start at L+k from `set_start_token` + `set_decode_start`; the KV rows
+of rejected drafts (L+k.. L+m-1) are overwritten by those steps before any step can read them
+(SDPA decode at position p reads rows 0..p only).
 """
 from __future__ import annotations
 
@@ -79,6 +88,8 @@ class LLM:
         # Allocated here (not on first use: the first action is the one a trace is captured from).
         self.token_bufs: list = []
         self._token_buffers(ACTION_TOKENS)
+        self._pred_bufs: dict = {}  # draft rows + 1 -> (1, 1, rows) uint32: the prefill's argmax per row
+        self._pred_buffer(ACTION_TOKENS)  # an action's 6 drafts: allocated with the model, not in an action
 
     def _token_buffers(self, count: int) -> list:
         while len(self.token_bufs) < count:
@@ -102,25 +113,34 @@ class LLM:
     def sequence_length(self, num_prompt_ids: int, num_patches: int) -> int:
         return num_prompt_ids + num_patches
 
-    def check_fits(self, length: int, num_tokens: int) -> int:
-        padded = round_up(length, TILE)
+    def check_fits(self, length: int, num_tokens: int, draft_rows: int = 0) -> int:
+        """The prefill's padded row count (L + draft rows rounded up to a tile)."""
+        padded = round_up(length + draft_rows, TILE)
         if padded > self.max_seq or length + num_tokens - 1 > self.max_seq:
             raise InputError(
                 f"prompt too long for the preallocated KV cache: {length} prompt+patch positions + {num_tokens} "
                 f"actions exceed max_seq_len {self.max_seq} ({self.profile.source})")
         return padded
 
+    def draft_fits(self, length: int, draft_rows: int) -> bool:
+        """Whether the prefill with draft_rows more rows still fits the KV cache (always true when
+        max_seq_len is a multiple of 32 and the plain action fits)."""
+        return round_up(length + draft_rows, TILE) <= self.max_seq
+
     # ---- the multimodal sequence -------------------------------------------------------------
-    def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int):
-        """[emb(BOS), patches, emb(ids[1:])] -> ((1, 1, S, hidden) tiles, L). Rows L..S-1 hold
-        embeddings of token 0: causal attention keeps them out of every real row, and the KV
-        rows they write are overwritten by decode before they could be read."""
+    def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None):
+        """[emb(BOS), patches, emb(ids[1:]), emb(draft)] -> ((1, 1, S, hidden) tiles, L). The m
+        draft ids (None: none) sit at positions L..L+m-1, uploaded with the prompt ids (no extra
+        write). Rows past them hold embeddings of token 0: causal attention keeps them out of
+        every real row, and the KV rows they write are overwritten by decode before they could
+        be read."""
         tt = self.tt
         ids = np.asarray(input_ids, np.int64).reshape(-1)
+        draft = np.zeros(0, np.int64) if draft is None else np.asarray(draft, np.int64).reshape(-1)
         num_patches = projected.shape[2]
         length = self.sequence_length(ids.size, num_patches)
-        seq = self.check_fits(length, num_tokens)
-        rest = np.concatenate([ids[1:], np.zeros(seq - length, np.int64)])
+        seq = self.check_fits(length, num_tokens, draft.size)
+        rest = np.concatenate([ids[1:], draft, np.zeros(seq - length - draft.size, np.int64)])
         parts = [self._embed(ids[:1]), tt.to_layout(projected, tt.ROW_MAJOR_LAYOUT), self._embed(rest)]
         x = tt.concat(parts, dim=2)
         return tt.to_layout(x, tt.TILE_LAYOUT), length
@@ -133,19 +153,23 @@ class LLM:
         # One row in prefill and decode alike: the decode (one-row) matmul.
         return self.lm_head.decode(x_row, tt.bfloat16)
 
-    def prefill_layers(self, x, count: int | None = None):
+    def prefill_layers(self, x, count: int | None = None, causal: bool = True, attn_mask=None):
         """Run the first `count` (default all) decoder layers over the whole sequence, filling
-        their KV caches; returns the hidden states (1, 1, S, hidden)."""
+        their KV caches; returns the hidden states (1, 1, S, hidden). causal=False + attn_mask:
+        the bidirectional pass of OpenVLA-OFT (attention.Attention.prefill, backends/ttnn/oft.py)."""
         seq = x.shape[2]
         cos, sin = self.rope.prefill_tables(seq)
         for layer in self.layers[:count]:
-            x = layer.prefill(x, seq, cos, sin)
+            x = layer.prefill(x, seq, cos, sin, causal, attn_mask)
         return x
 
-    def prefill(self, x, length: int):
-        """(1, 1, S, hidden) -> this chip's vocab slice of the logits at position L-1, (1, 1, 1, V/N)."""
+    def prefill(self, x, length: int, rows: int = 1):
+        """(1, 1, S, hidden) -> this chip's vocab slice of the logits at positions L-1..L-2+rows,
+        (1, 1, rows, V/N): the last prompt position, and with draft rows each draft's position.
+        Up to 32 rows are one tile row: the LM head's one-row (decode) matmul reads its weights
+        once either way."""
         x = self.prefill_layers(x)
-        last = self.tt.slice(x, [0, 0, length - 1, 0], [1, 1, length, self.hidden])
+        last = self.tt.slice(x, [0, 0, length - 1, 0], [1, 1, length - 1 + rows, self.hidden])
         return self._head(last)
 
     def decode_step(self, token=None):
@@ -173,12 +197,13 @@ class LLM:
                         compute_kernel_config=self.norm_compute)
         return tt.sharded_to_interleaved(self.lm_head.decode_sharded(x, tt.bfloat16), tt.L1_MEMORY_CONFIG)
 
-    def next_token(self, logits, out=None):
-        """Greedy argmax over all real vocabulary entries (padding columns excluded), on the mesh;
-        written into `out` (a preallocated (1, 1, 1) uint32 tensor) when given."""
+    def next_token(self, logits, out=None, rows: int = 1):
+        """Greedy argmax over all real vocabulary entries (padding columns excluded) of each of
+        the `rows` rows, on the mesh; written into `out` (a preallocated (1, 1, rows) uint32
+        tensor) when given."""
         tt = self.tt
         logits = self.ccl.all_gather(logits, dim=3)
-        logits = tt.slice(logits, [0, 0, 0, 0], [1, 1, 1, self.vocab])
+        logits = tt.slice(logits, [0, 0, 0, 0], [1, 1, rows, self.vocab])
         if out is None:
             return tt.argmax(logits, dim=3)
         return tt.argmax(logits, dim=3, output_tensor=out)
@@ -187,6 +212,25 @@ class LLM:
     def prefill_token(self, logits, num_tokens: int):
         """Token 1 (the prefill's argmax) into token_bufs[0], on the device."""
         return self.next_token(logits, out=self._token_buffers(num_tokens)[0])
+
+    def draft_predictions(self, logits, rows: int):
+        """The greedy token after each of the `rows` prefill rows (the last prompt position and
+        each draft), argmax on the device into a preallocated (1, 1, rows) uint32 tensor (one
+        28-byte read for an action's 6 drafts)."""
+        return self.next_token(logits, out=self._pred_buffer(rows), rows=rows)
+
+    def _pred_buffer(self, rows: int):
+        if rows not in self._pred_bufs:
+            self._pred_bufs[rows] = self._host_ids(np.zeros((1, 1, rows), np.int64),
+                                                   self.tt.ReplicateTensorToMesh(self.mesh.device), device=True)
+        return self._pred_bufs[rows]
+
+    def set_start_token(self, token: int):
+        """Token 1 of the decode steps (token_bufs[0]) from the host: after draft verification,
+        the first token greedy decoding has not confirmed yet (one 4-byte write)."""
+        tt = self.tt
+        tt.copy_host_to_device_tensor(
+            self._host_ids(np.array([[[token]]]), tt.ReplicateTensorToMesh(self.mesh.device)), self.token_bufs[0])
 
     def feedback_step(self, k: int):
         """Decode step k (0-based): embeds token_bufs[k] at position step_pos, writes its argmax into

@@ -60,6 +60,12 @@ FULL_LLM_LAYERS = 32
 DECODE_STEPS = 6  # tokens 2..7 of an action
 # "tokens": the action's tokens gathered on the device (1 op) and read back once, after the decode
 STAGES = ("vision", "projector", "prefill", "decode", "tokens")
+# Speculative action decoding: a second, drafted action is captured; its stage "draft_prefill" is
+# the drafted prefill (6 draft rows, the LM head on 7 rows, their argmax), the one read of the 7 ids
+# and the start token + position written back. On a mock (zeros read back) this draft is accepted
+# up to its first non-zero id: k = 3, so the capture also runs 3 decode steps and the token read.
+DRAFT_ON_MOCK = [0, 0, 0, 1, 1, 1]
+DRAFT_ACCEPTED = (0, 3, 6)  # accepted counts modelled against the plain action (issue 13)
 MARK = "openvla::"
 
 # ---- cost model --------------------------------------------------------------------------------
@@ -303,7 +309,7 @@ class MetaCheckpoint:
 
 
 @contextlib.contextmanager
-def _allocate_instead_of_convert(registry: dict):
+def allocate_instead_of_convert(registry: dict):
     """WeightStore.put -> ttnn.empty of the same per-chip spec; registry[(address)] = (name, bytes)."""
     from . import weights as wmod
 
@@ -330,8 +336,9 @@ def _allocate_instead_of_convert(registry: dict):
 
 
 def _scoped(tt, label, fn):
+    """fn inside a graph scope named MARK + label (label: a string, or a function giving it at call time)."""
     def wrapper(*a, **k):
-        tt.graph.track_function_start(MARK + label)
+        tt.graph.track_function_start(MARK + (label() if callable(label) else label))
         try:
             return fn(*a, **k)
         finally:
@@ -339,7 +346,7 @@ def _scoped(tt, label, fn):
     return wrapper
 
 
-def _write_config(out: Path, llm_layers: int, vision_depth: int | None) -> Path:
+def write_config(out: Path, llm_layers: int, vision_depth: int | None) -> Path:
     from ...config import TIMM_KWARGS_FIELD
     from ...full_config import write_full_config
 
@@ -363,11 +370,11 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
     from .backend import TtnnBackend
 
     work = Path(work or tempfile.mkdtemp(prefix="openvla_op_report_"))
-    config = load_config(_write_config(work / "config", llm_layers, vision_depth))
+    config = load_config(write_config(work / "config", llm_layers, vision_depth))
     registry: dict = {}
     overrides = {"decode_matmul": decode_matmul} if decode_matmul else None
     t0 = time.perf_counter()
-    with _allocate_instead_of_convert(registry):
+    with allocate_instead_of_convert(registry):
         backend = TtnnBackend(config, MetaCheckpoint(), mesh_device=mesh_name, cache_dir=None, trace=False,
                               profile_overrides=overrides)
     load_s = time.perf_counter() - t0
@@ -380,7 +387,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                 kv[str(ttnn.get_device_tensors(t)[0].buffer_address())] = f"llm.{i}.{which}"
             layer.decode = _scoped(ttnn, f"layer={i}", layer.decode)
             layer.prefill = _scoped(ttnn, f"layer={i}", layer.prefill)
-        for j, tower in enumerate(backend.vision.towers):
+        for j, tower in enumerate([backend.vision]):  # one op sequence: the towers split over the chips
             counter = {"n": 0}
 
             def block_attention(x, blk, _orig=tower._attention, _j=j, _c=counter):
@@ -394,19 +401,34 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                     ttnn.graph.track_function_end()
             tower._attention = block_attention
         state = {"step": 0}
+        # phase "": the plain action; "draft_": the drafted one (its stages are named draft_*; the
+        # verification, from the drafted prefill to the start token written back, is draft_prefill)
+        phase = {"p": "", "verify": False}
         vision = backend.vision
-        backend.vision = _scoped(ttnn, "stage=vision", backend.vision)
-        backend.projector = _scoped(ttnn, "stage=projector", backend.projector)
-        for name in ("embed_sequence", "set_decode_start", "prefill", "prefill_token"):
-            setattr(llm, name, _scoped(ttnn, "stage=prefill", getattr(llm, name)))
+        backend.vision = _scoped(ttnn, lambda: f"stage={phase['p']}vision", backend.vision)
+        backend.projector = _scoped(ttnn, lambda: f"stage={phase['p']}projector", backend.projector)
+        for name in ("embed_sequence", "set_decode_start", "prefill", "prefill_token", "draft_predictions",
+                     "set_start_token"):
+            setattr(llm, name, _scoped(ttnn, lambda: f"stage={phase['p']}prefill", getattr(llm, name)))
         orig_step = llm.feedback_step
 
         def feedback_step(k):
-            state["step"] = k + 1
-            return _scoped(ttnn, f"stage=decode#{k + 1}", orig_step)(k)
+            if not phase["p"]:
+                state["step"] = k + 1
+            return _scoped(ttnn, f"stage={phase['p']}decode#{k + 1}", orig_step)(k)
         llm.feedback_step = feedback_step
         for name in ("gather_tokens", "read_tokens"):
-            setattr(llm, name, _scoped(ttnn, "stage=tokens", getattr(llm, name)))
+            setattr(llm, name, _scoped(ttnn, lambda: "stage=draft_prefill" if phase["verify"]
+                                       else f"stage={phase['p']}tokens", getattr(llm, name)))
+        orig_verify = backend._verify_drafts
+
+        def verify_drafts(*a, **k):
+            phase["verify"] = True
+            try:
+                return orig_verify(*a, **k)
+            finally:
+                phase["verify"] = False
+        backend._verify_drafts = _scoped(ttnn, "stage=draft_prefill", verify_drafts)
         syncs = Counter()
         orig_sync = backend._sync
         stage_of_sync = iter(["vision", "projector", "prefill"] + ["other"] * 100)
@@ -423,19 +445,25 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
             t1 = time.perf_counter()
             backend.generate(pixels, ids, 1 + DECODE_STEPS)
             gen_s = time.perf_counter() - t1
+            # The drafted action (speculative decoding): mock chips read back zeros, so every
+            # predicted id is 0 and this draft is accepted exactly up to its first non-zero id.
+            phase["p"] = "draft_"
+            backend.generate(pixels, ids, 1 + DECODE_STEPS, draft=DRAFT_ON_MOCK)
+            drafted = {"draft": DRAFT_ON_MOCK, "accepted": backend.last_accepted,
+                       "decode_steps": backend.last_decode_steps}
         finally:
             graph = ttnn.graph.end_graph_capture()
         ops, transfers = parse_graph(graph)
-        length = llm.sequence_length(ids.size, vision.towers[0].num_patches)
+        length = llm.sequence_length(ids.size, vision.num_patches)
         info = {
             "mesh": mesh_name, "num_devices": backend.mesh.num_devices, "llm_layers": len(llm.layers),
-            "vision_blocks": [len(t.blocks) for t in vision.towers],
-            "vision_blocks_full": [_full_blocks(t, config.image_size) for t in config.towers],
+            "vision_blocks": [len(vision.blocks)],  # per chip: the deeper tower's blocks (vision.py)
+            "vision_blocks_full": [max(_full_blocks(t, config.image_size) for t in config.towers)],
             "prompt_tokens": prompt_tokens, "sequence_length": length, "max_seq": llm.max_seq,
             "profile": {"dtypes": backend.profile.dtypes, "fidelity": backend.profile.fidelity,
                         "decode_matmul": backend.profile.decode_matmul, "source": backend.profile.source},
             "load_s": round(load_s, 1), "generate_s": round(gen_s, 1), "graph_nodes": len(graph),
-            "syncs": dict(syncs), "decode_steps_run": state["step"],
+            "syncs": dict(syncs), "decode_steps_run": state["step"], "drafted": drafted,
         }
     finally:
         backend.close()
@@ -535,15 +563,20 @@ def summarise(raw: dict) -> dict:
     # mean KV rows read over the 6 decode steps (positions L..L+5), as a fraction of the cache
     kv_fraction = sum(p + 1 for p in range(L, L + DECODE_STEPS)) / DECODE_STEPS / info["max_seq"]
 
-    stages = {s: StageCounts() for s in STAGES}
-    per_layer = {s: Counter() for s in ("prefill", "decode")}  # layer -> ops
-    per_layer_us = {s: Counter() for s in ("prefill", "decode")}
-    per_layer_coll = {s: Counter() for s in ("prefill", "decode")}
-    per_layer_bytes = {s: Counter() for s in ("prefill", "decode")}  # weights
-    per_layer_kv = {s: Counter() for s in ("prefill", "decode")}
-    per_layer_parts = {s: Counter() for s in ("prefill", "decode")}  # kind -> us, summed over layers
+    stages = {s: StageCounts() for s in STAGES + ("draft_prefill",)}
+    lm = ("prefill", "decode", "draft_prefill")
+    per_layer = {s: Counter() for s in lm}  # layer -> ops
+    per_layer_us = {s: Counter() for s in lm}
+    per_layer_coll = {s: Counter() for s in lm}
+    per_layer_bytes = {s: Counter() for s in lm}  # weights
+    per_layer_kv = {s: Counter() for s in lm}
+    per_layer_parts = {s: Counter() for s in lm}  # kind -> us, summed over layers
+    draft_steps = sorted({o["step"] for o in raw["ops"] if o["stage"] == "draft_decode"})
+    draft_decode_ops = Counter()  # device ops of the drafted action's first decode step, by op
     for o in raw["ops"]:
         st = o["stage"]
+        if st == "draft_decode" and o["step"] == draft_steps[:1][0]:
+            draft_decode_ops[o["name"]] += 1
         if st not in stages or (st == "decode" and o["step"] != first_step):
             continue
         us, kind, wb, kb, cb = _op_time_us(o, weights, kv, fidelity, st, kv_fraction, n_dev)
@@ -570,7 +603,9 @@ def summarise(raw: dict) -> dict:
     action_io = {"h2d": 0, "h2d_bytes": 0.0, "d2h": 0, "d2h_bytes": 0.0, "by_stage": Counter(),
                  "inside_ops": 0, "outside_stages": 0}
     for kind, st, step, nbytes, internal in raw["transfers"]:
-        if internal:
+        if st and st.startswith("draft_"):
+            pass  # the drafted action: its own accounting (draft_prefill below)
+        elif internal:
             action_io["inside_ops"] += 1
         elif st not in stages:
             action_io["outside_stages"] += 1
@@ -602,6 +637,9 @@ def summarise(raw: dict) -> dict:
 
     # ---- extrapolation to the full depth -----------------------------------------------------
     notes = []
+    if draft_decode_ops and sum(draft_decode_ops.values()) != stages["decode"].device_ops:
+        notes.append(f"the drafted action's decode step has {sum(draft_decode_ops.values())} device ops, the plain "
+                     f"one {stages['decode'].device_ops}: the speculative model assumes they are equal")
     layers_run = info["llm_layers"]
     scale = {}
     for st in ("prefill", "decode"):
@@ -611,7 +649,7 @@ def summarise(raw: dict) -> dict:
         scale[st] = counts
     if layers_run != FULL_LLM_LAYERS:
         extra = FULL_LLM_LAYERS - layers_run
-        for st in ("prefill", "decode"):
+        for st in lm:
             c = stages[st]
             mean = lambda ctr: sum(ctr.values()) / max(layers_run, 1)  # noqa: E731
             c.device_ops += round(extra * mean(per_layer[st]))
@@ -644,6 +682,8 @@ def summarise(raw: dict) -> dict:
             "prefill_ops_per_layer": scale["prefill"][0] if scale["prefill"] else 0,
             "decode_collectives_per_layer": per_layer_coll["decode"].get(0, 0),
             "notes": notes, "kv_fraction": kv_fraction, "action_io": action_io,
+            "draft_prefill_ops_per_layer": per_layer["draft_prefill"].get(0, 0),
+            "draft_decode_step_ops": sum(draft_decode_ops.values()),
             "syncs_per_action": sum(info["syncs"].values())}
 
 
@@ -681,6 +721,28 @@ def action_model(summary: dict) -> dict:
     return {"stage_ms": ms, "action_ms": total, "actions_per_s": 1e3 / total}
 
 
+def draft_model(summary: dict) -> dict:
+    """Speculative action decoding against the plain action, on the same cost model: with k of
+    the 6 drafts accepted an action is vision + projector + the drafted prefill (its 7-row LM head
+    and argmax, the one read of the 7 ids, the start token and position written back) + (6 - k)
+    decode steps + the token read (none when k = 6: the verification read returned the action).
+    The decode step and the token read are the plain action's (the captured drafted action's
+    decode step has the same op count, checked: `draft_decode_step_ops`)."""
+    st = summary["stages"]
+    plain = action_model(summary)
+    ms = plain["stage_ms"]
+    drafted_prefill = st["draft_prefill"].modelled_us / 1e3
+    rows = []
+    for k in DRAFT_ACCEPTED:
+        steps = DECODE_STEPS - k
+        total = (ms["vision"] + ms["projector"] + drafted_prefill + steps * ms["decode"]
+                 + (ms["tokens"] if steps else 0.0))
+        rows.append({"accepted": k, "decode_steps": steps, "action_ms": round(total, 1),
+                     "actions_per_s": round(1e3 / total, 2), "ratio_vs_plain": round(total / plain["action_ms"], 3)})
+    return {"plain_action_ms": round(plain["action_ms"], 1), "drafted_prefill_ms": round(drafted_prefill, 2),
+            "plain_prefill_ms": round(ms["prefill"], 2), "rows": rows}
+
+
 def levers(summary: dict) -> list:
     """What-if rows on the same cost model (not measured): what would close the gap."""
     st, info = summary["stages"], summary["info"]
@@ -710,9 +772,8 @@ def levers(summary: dict) -> list:
     dec_ms3 = dec_ms2 - max(0.0, ffn_bytes * (ffn_b - BYTES_PER_ELEMENT["BFLOAT4_B"]) / bw / 1e3)
     rows.append(("+ BFP4 FFN weights (token agreement to be proven)", dec_ms3))
     out = []
-    # vision: the two towers on different chips (N300), or their work over the chips (T3K, taken
-    # as 2x here too: DINOv2 and SigLIP are of similar size and the split is not modelled finer)
-    vision_split = base["stage_ms"]["vision"] / 2
+    # vision: the towers already run on different chips (vision.py); the measured stage is used
+    vision_split = base["stage_ms"]["vision"]
     for label, d in rows:
         total = (vision_split + base["stage_ms"]["projector"] + base["stage_ms"]["prefill"] + DECODE_STEPS * d
                  + base["stage_ms"]["tokens"])
@@ -797,6 +858,22 @@ def format_report(summary: dict) -> str:
     for r in CALIBRATION["rows"]:
         lines.append(f"| {r['mesh']} | {r['mode']} | {r['published_tok_s']} | {r['modelled_tok_s']} | "
                      f"{r['error_pct']:+.1f} %{' (fitted)' if r['fitted'] else ''} |")
+    if summary["stages"]["draft_prefill"].device_ops:
+        dm, c = draft_model(summary), summary["stages"]["draft_prefill"]
+        drafted = summary["info"].get("drafted") or {}
+        lines += ["", "speculative action decoding (6 draft rows in the prefill, docs/ttnn.md), same cost model:",
+                  f"drafted prefill: {c.device_ops} device ops ({summary['draft_prefill_ops_per_layer']} per decoder "
+                  f"layer), {c.h2d} host writes, {c.d2h} read ({c.d2h_bytes:.0f} B: the 7 verified ids), "
+                  f"{dm['drafted_prefill_ms']} ms modelled (plain prefill {dm['plain_prefill_ms']} ms); captured "
+                  f"with draft {drafted.get('draft')} -> {drafted.get('accepted')} accepted and "
+                  f"{drafted.get('decode_steps')} decode steps (each with the plain step's device ops: "
+                  f"{summary['draft_decode_step_ops']} measured at {summary['info']['llm_layers']} layer(s))",
+                  "| drafts accepted | decode steps | action ms | actions/s | vs plain |", "|---|---|---|---|---|"]
+        for r in dm["rows"]:
+            lines.append(f"| {r['accepted']} | {r['decode_steps']} | {r['action_ms']} | {r['actions_per_s']} | "
+                         f"{r['ratio_vs_plain']:.3f}x |")
+        lines.append(f"| plain (no draft) | {DECODE_STEPS} | {dm['plain_action_ms']} | "
+                     f"{1e3 / dm['plain_action_ms']:.2f} | 1.000x |")
     for n in summary["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -810,6 +887,8 @@ def to_json(summary: dict) -> dict:
                      for s, c in summary["stages"].items()}
     out["action"] = action_model(summary)
     out["levers"] = levers(summary)
+    if summary["stages"]["draft_prefill"].device_ops:
+        out["speculative"] = draft_model(summary)
     out["calibration"] = CALIBRATION
     return out
 

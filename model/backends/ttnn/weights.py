@@ -25,7 +25,7 @@ log = logging.getLogger("openvla_model.ttnn")
 
 TILE = 32
 # Bump when a transform below changes: old caches then miss instead of loading stale layouts.
-WEIGHT_FORMAT_VERSION = 1
+WEIGHT_FORMAT_VERSION = 2  # 2: vision towers split over the chips, projector fc1 in their gathered layout
 
 
 def round_up(x: int, m: int) -> int:
