@@ -4,7 +4,7 @@ Every item of a batch must get exactly what predict() gives it alone (tokens, ac
 drafts), whatever the other items are: prompts of different lengths (left padding, per-row
 positions, a mask that hides pad columns and rejected drafts), different unnorm keys, drafts of
 which each item accepts a different number, and bad items, which come back as their error while
-the others succeed. A backend without generate_batch (the CUDA fast path today) gets one
+the others succeed. A backend without generate_batch (TT-NN today) gets one
 generate call per item, with the same results.
 """
 import numpy as np
