@@ -246,6 +246,10 @@ def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "t
     if checkpoint_kind(path) == "oft":  # action head / proprio projector files beside the HF files: docs/oft.md
         from .oft_policy import load_oft_policy
 
+        if backend == "ttnn":  # the mesh and precision reach the TT-NN OFT model as they reach TtnnBackend
+            backend_options = dict(backend_options, mesh_device=mesh_device)
+            if precision is not None:
+                backend_options["precision"] = precision
         return load_oft_policy(path, backend, device=device, dtype=dtype, center_crop=center_crop,
                                default_unnorm_key=default_unnorm_key, fast=fast, **backend_options)
     config = load_config(path)

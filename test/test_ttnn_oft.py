@@ -243,3 +243,15 @@ def test_mock_n300_runs_the_oft_pass(tmp_path):
     assert result["ok"] and result["describe"]["max_seq_len"] == 832
     assert [c["head"] for c in result["calls"]] == ["device", "device", "discrete"]
     assert all(c["normalized_shape"] == [8, 7] for c in result["calls"])
+
+
+def test_load_policy_hands_the_mesh_name_to_the_oft_model(oft_dirs, monkeypatch):
+    """load_policy(..., mesh_device=...) reaches the TT-NN OFT model: a T3K asked for on 2 chips
+    is refused naming it (a dropped mesh_device would auto-detect the 2 chips and load)."""
+    from ttnn_golden.emulator import GoldenTTNN
+
+    from openvla_model import BackendError, load_policy
+
+    monkeypatch.delenv("MESH_DEVICE", raising=False)
+    with pytest.raises(BackendError, match="T3K"):
+        load_policy(oft_dirs[True], backend="ttnn", mesh_device="T3K", tt=GoldenTTNN(2), cache_dir=None)
