@@ -1,12 +1,15 @@
-"""Run the real TT-NN backend on a MOCK mesh at full OpenVLA-7B widths with fewer layers.
+"""Run the real TT-NN backend on a MOCK mesh at full OpenVLA-7B widths (all depths, or fewer).
 
-    python test/ttnn_mock/run_mock_model.py N300 --llm-layers 1 --vision-depth 3 --out result.json
+    python test/ttnn_mock/run_mock_model.py N300 --llm-layers 32 --vision-depth 0 --out result.json --work DIR
 
 Run by test_ttnn_mock.py in a subprocess (with mock_env's environment, under a timeout): every op
 of vision, projector, prefill and decode goes through ttnn's real validation (shapes, tiling,
-sharding, memory configs, collectives, L1 budgets) on mock Wormhole chips. Mock devices read
-back zeros, so the tokens are meaningless; the widths, head counts and vocabulary are the real
-ones, only the depths are reduced (weights are zeros: no 15 GB checkpoint needed).
+sharding, memory configs, collectives, L1 budgets, DRAM capacity) on mock Wormhole chips. Mock
+devices read back zeros, so the tokens are meaningless; the widths, head counts and vocabulary
+are the real ones, the depths are the real ones or reduced by the flags (weights are zeros: no
+15 GB checkpoint needed). The profile is config/ttnn/<MESH>.yaml unless --decode-matmul /
+--decode-graph override it (the fallbacks of docs/ttnn.md). The decode trace is off
+(trace=False): on mock devices trace capture dies with SIGSEGV (docs/ttnn.md).
 """
 from __future__ import annotations
 
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
                         "prefills of 288 and 320 rows")
     p.add_argument("--decode-matmul", default=None, choices=["interleaved", "dram_sharded"],
                    help="override the profile's decode_matmul")
+    p.add_argument("--decode-graph", default=None, choices=["fused", "legacy"],
+                   help="override the profile's decode_graph")
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)
@@ -87,11 +92,12 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     config = load_config(write_full_width_config(work / "weights", args.llm_layers, args.vision_depth or None))
-    result = {"mesh": args.mesh, "llm_layers": args.llm_layers, "vision_depth": args.vision_depth}
+    overrides = {k: v for k, v in (("decode_matmul", args.decode_matmul), ("decode_graph", args.decode_graph)) if v}
+    result = {"mesh": args.mesh, "llm_layers": args.llm_layers, "vision_depth": args.vision_depth,
+              "overrides": overrides}
     t0 = time.perf_counter()
-    overrides = {"decode_matmul": args.decode_matmul} if args.decode_matmul else None
     backend = TtnnBackend(config, ZeroCheckpoint(), mesh_device=args.mesh, cache_dir=None, trace=False,
-                          profile_overrides=overrides)
+                          profile_overrides=overrides or None)
     result["load_s"] = time.perf_counter() - t0
     try:
         result["describe"] = backend.describe()

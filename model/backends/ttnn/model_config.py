@@ -48,6 +48,7 @@ class PrecisionProfile:
     trace_decode: bool = True
     decode_matmul: str = "interleaved"  # | dram_sharded (see linear.py)
     decode_graph: str = "fused"  # | legacy (see DECODE_GRAPHS)
+    target_actions_per_s: float = 10.0  # the speed the hardware benchmark asserts (OPENVLA_HW_ASSERT_SPEED=1)
     source: str = ""
 
     def dtype(self, tt, role: str):
@@ -124,10 +125,13 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     decode_graph = str(data.get("decode_graph", "fused"))
     if decode_graph not in DECODE_GRAPHS:
         raise BackendError(f"{path}: decode_graph = {decode_graph!r}; expected one of {', '.join(DECODE_GRAPHS)}")
+    target = data.get("target_actions_per_s", 10.0)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
+        raise BackendError(f"{path}: target_actions_per_s must be a number > 0, got {target!r}")
     return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
                             device=dict(data.get("device") or {}), max_seq_len=max_seq,
                             trace_decode=bool(data.get("trace_decode", True)), decode_matmul=decode_matmul,
-                            decode_graph=decode_graph, source=str(path))
+                            decode_graph=decode_graph, target_actions_per_s=float(target), source=str(path))
 
 
 def check_against_ttnn(profile: PrecisionProfile, tt) -> None:
