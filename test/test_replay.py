@@ -522,3 +522,117 @@ def test_offline_speculative_age_limit_drops_every_draft(tmp_path, tiny_weights,
     sp = json.loads((out / "summary.json").read_text())["speculative"]
     assert sp["enabled"] is True and sp["max_age_s"] == 0.05
     assert sp["actions"] == 3 and sp["drafted"] == 0 and sp["histogram"] == [3, 0, 0, 0, 0, 0, 0]
+
+
+# -- several streams (issue 14): batched through policy.predict_batch ------------------------------
+
+VOLATILE = ("latency_ms", "achieved_rate_hz", "timing_s")  # the batch's timing, not the stream's actions
+
+
+def _stable_summary(out: Path) -> dict:
+    s = json.loads((out / "summary.json").read_text())
+    for k in VOLATILE:
+        s.pop(k)
+    s["model"].pop("load_time_s")
+    return s
+
+
+def _stable_rows(out: Path) -> list:
+    return [{k: v for k, v in r.items() if k != "latency_ms"} for r in read_csv(out)]
+
+
+def _stable_bag(out: Path) -> list:
+    return [(m.header.stamp.sec, m.header.stamp.nanosec, list(m.tokens), list(m.unclipped), m.instruction)
+            for m in read_output_bag(out)]
+
+
+def assert_stream_equals_single(stream_out: Path, single_out: Path):
+    assert _stable_summary(stream_out) == _stable_summary(single_out)
+    assert _stable_rows(stream_out) == _stable_rows(single_out)
+    assert _stable_bag(stream_out) == _stable_bag(single_out)
+
+
+def test_several_bags_batched_equal_single_stream_replays(tmp_path, tiny_weights, capsys):
+    """Two bags of different lengths, instructions and ground-truth types, one with a corrupt
+    frame: the batched replay's per-stream reports equal the single-stream replays of each bag
+    (actions, tokens, accepted drafts, metrics, output bag; only the timing differs)."""
+    a = write_episode(tmp_path / "ep_a", n_frames=5, gt="float64")
+    b = write_episode(tmp_path / "ep_b", n_frames=3, gt="action", instruction="open the drawer", corrupt_frame=1)
+    base = ["--weights", tiny_weights, "--unnorm-key", "bridge_orig"]
+    for bag, out in ((a, "single_a"), (b, "single_b")):
+        rc, err = replay([bag] + base + ["--out", tmp_path / out], capsys)
+        assert rc == 0, err
+    out = tmp_path / "both"
+    rc, err = replay([a, b] + base + ["--out", out], capsys)
+    assert rc == 0, err
+    assert_stream_equals_single(out / "ep_a", tmp_path / "single_a")
+    assert_stream_equals_single(out / "ep_b", tmp_path / "single_b")
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["streams"]) == ["ep_a", "ep_b"] and s["mode"] == "offline" and s["partial"] is False
+    # rounds: (a0, b0), (a1; b1 corrupt: rejected before the model), (a2, b2), (a3), (a4)
+    assert s["batch"] == {"batches": 5, "items": 7, "mean_size": 1.4, "sizes": {"1": 3, "2": 2},
+                          "batched_backend": True}
+    assert s["streams"]["ep_b"]["frames"]["rejected"] == 1 and s["streams"]["ep_a"]["frames"]["processed"] == 5
+    assert json.loads((out / "openvla_replay.json").read_text())["bags"] == [str(a.resolve()), str(b.resolve())]
+    report = (out / "report.md").read_text()
+    assert "[ep_a](ep_a/report.md)" in report and "2 streams" in report
+
+
+def test_several_image_topics_of_one_bag(tmp_path, tiny_weights, capsys):
+    """Two image topics of one bag are two streams (named after the topics), each equal to the
+    single-stream replay of its topic."""
+    bag = write_episode(tmp_path / "ep", n_frames=3, gt="float64", extra_image_topic=True)
+    base = [bag, "--weights", tiny_weights, "--unnorm-key", "bridge_orig"]
+    rc, err = replay(base + ["--image-topic", "/camera2/image", "--out", tmp_path / "single"], capsys)
+    assert rc == 0, err
+    out = tmp_path / "both"
+    rc, err = replay(base + ["--image-topic", "/camera/image", "--image-topic", "/camera2/image", "--out", out],
+                     capsys)
+    assert rc == 0, err
+    assert_stream_equals_single(out / "camera2_image", tmp_path / "single")
+    s = json.loads((out / "summary.json").read_text())
+    assert [v["image_topic"] for v in s["streams"].values()] == ["/camera/image", "/camera2/image"]
+    assert s["batch"]["sizes"] == {"2": 3}
+    # the same frames on both topics: the same actions
+    assert _stable_rows(out / "camera_image") == _stable_rows(out / "camera2_image")
+
+
+def _no_work_streams(monkeypatch):
+    import openvla_ros.replay.offline as offline
+
+    def refuse(*a, **k):
+        raise AssertionError("the replay started although the options were refused")
+
+    monkeypatch.setattr(offline, "run_offline", refuse)
+    monkeypatch.setattr(offline, "run_offline_streams", refuse)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("second_bag_missing", "bag not found"),
+    ("more_topics_than_bags", "mismatched options: 2 bags and 3 --image-topic values"),
+    ("same_topic_twice", "--image-topic given twice with the same topic"),
+    ("live_several_streams", "mismatched options: 2 streams in live mode"),
+    ("out_inside_second_bag", "lies inside the input bag"),
+    ("second_bag_lacks_the_topic", "image topic '/camera2/image' not in the bag"),
+])
+def test_several_streams_bad_input_is_one_clear_error(tmp_path, tiny_weights, capsys, monkeypatch, case, match):
+    a = write_episode(tmp_path / "ep_a", n_frames=2,
+                      extra_image_topic=case in ("same_topic_twice", "second_bag_lacks_the_topic"))
+    b = tmp_path / "nope" if case == "second_bag_missing" else write_episode(tmp_path / "ep_b", n_frames=2)
+    bags, extra, out = [a, b], [], tmp_path / "res"
+    if case == "more_topics_than_bags":
+        extra = ["--image-topic", "/camera/image"] * 3
+    elif case == "same_topic_twice":
+        bags, extra = [a], ["--image-topic", "/camera/image", "--image-topic", "/camera/image"]
+    elif case == "live_several_streams":
+        extra = ["--mode", "live"]
+    elif case == "out_inside_second_bag":
+        out = b / "report"
+    elif case == "second_bag_lacks_the_topic":
+        extra = ["--image-topic", "/camera2/image"]
+    before = snapshot(tmp_path)
+    _no_work_streams(monkeypatch)
+    rc, err = replay(bags + ["--weights", tiny_weights, "--unnorm-key", "bridge_orig", "--out", out] + extra, capsys)
+    assert rc == 2, err
+    assert match in only_error_line(err)
+    assert snapshot(tmp_path) == before

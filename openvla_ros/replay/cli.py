@@ -1,5 +1,6 @@
 """openvla-replay: replay a recorded episode through the policy (offline) or the running node
-(live) and write a report. Errors: one clear line, exit 2. Ctrl-C: partial report, exit 130."""
+(live) and write a report; several bags (or image topics) offline: batched, one report per
+stream. Errors: one clear line, exit 2. Ctrl-C: partial report, exit 130."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,19 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openvla-replay", description=__doc__.split("\n")[0])
-    p.add_argument("bag", help="rosbag2 folder (sqlite3 or mcap) or a single .db3/.mcap file")
-    p.add_argument("--image-topic", help="sensor_msgs/Image or CompressedImage topic (default: the only one)")
+    p.add_argument("bag", nargs="+", help="rosbag2 folder (sqlite3 or mcap) or a single .db3/.mcap file; "
+                   "several bags: one stream each, replayed batched (offline mode)")
+    p.add_argument("--image-topic", action="append", default=None,
+                   help="sensor_msgs/Image or CompressedImage topic (default: the only one); repeat it for several "
+                        "streams from one bag, or give one per bag")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--instruction-topic", help="std_msgs/String topic (default: the only one)")
     g.add_argument("--instruction", help="use this instruction for every frame")
     p.add_argument("--gt-action-topic", help="ground truth: openvla_ros/msg/EndEffectorAction, "
                    "geometry_msgs/TwistStamped or std_msgs/Float64MultiArray (7 values); default: the only one")
+    p.add_argument("--wrist-image-topic", help="OpenVLA-OFT checkpoints taking 2 images: the wrist camera topic")
+    p.add_argument("--proprio-topic", help="OpenVLA-OFT checkpoints with proprio: sensor_msgs/JointState or "
+                   "std_msgs/Float64MultiArray robot-state topic (docs/oft.md)")
     p.add_argument("--weights", default=os.environ.get("OPENVLA_WEIGHTS"), help="default: $OPENVLA_WEIGHTS")
     p.add_argument("--backend", default="torch", choices=["torch", "ttnn"])
     p.add_argument("--device", default=None)
@@ -66,7 +73,9 @@ def main(argv=None) -> int:
         print("error: no --weights given and OPENVLA_WEIGHTS is not set", file=sys.stderr)
         return 2
     opts = ReplayOptions(
-        bag=args.bag, image_topic=args.image_topic, instruction_topic=args.instruction_topic,
+        bag=args.bag[0] if len(args.bag) == 1 else args.bag,
+        image_topic=args.image_topic[0] if args.image_topic and len(args.image_topic) == 1 else args.image_topic,
+        instruction_topic=args.instruction_topic,
         instruction=args.instruction, gt_action_topic=args.gt_action_topic, weights=args.weights,
         backend=args.backend, device=args.device, dtype=args.dtype, mesh_device=args.mesh_device,
         unnorm_key=args.unnorm_key, center_crop=args.center_crop, speculative=args.speculative,
@@ -77,13 +86,24 @@ def main(argv=None) -> int:
         node_image_topic=args.node_image_topic, node_instruction_topic=args.node_instruction_topic,
         node_action_topic=args.node_action_topic, wait_timeout_s=args.wait_timeout_s)
     try:
-        out, summary = run_replay(opts)
+        from .chunks import chunk_replay_wanted, run_chunk_replay  # OpenVLA-OFT: chunk metrics (docs/oft.md)
+
+        if chunk_replay_wanted(opts, args.wrist_image_topic, args.proprio_topic):
+            out, summary = run_chunk_replay(opts, args.wrist_image_topic, args.proprio_topic)
+        else:
+            out, summary = run_replay(opts)
     except (ReplayError, OpenVLAError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    if "streams" in summary:  # several streams
+        st = summary["streams"]
+        print(f"{'PARTIAL ' if summary['partial'] else ''}report: {out}/report.md  ({len(st)} streams, "
+              f"{sum(s['frames']['processed'] for s in st.values())} actions in {summary['batch']['batches']} "
+              f"batches; per stream: {out}/<stream>/report.md)")
+        return 130 if summary["partial"] else 0
     f, sp = summary["frames"], summary.get("speculative")
     spec = f"; draft tokens accepted: {sp['mean_accepted']:.2f} of 6 per drafted action" \
         if sp and sp["mean_accepted"] is not None else ""

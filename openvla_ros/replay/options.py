@@ -1,16 +1,19 @@
-"""The options of one replay run (what `openvla-replay` parses) and their validation."""
+"""The options of one replay run (what `openvla-replay` parses), their validation, and the
+streams they name (several bags, or several image topics of one bag: replayed batched)."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .bag import ReplayError
 
 
 @dataclass
 class ReplayOptions:
-    bag: str
-    image_topic: str | None = None
+    bag: str | list  # one bag, or several (one stream each, replayed batched: offline mode)
+    image_topic: str | list | None = None  # one topic, or several (of one bag, or one per bag)
     instruction_topic: str | None = None
     instruction: str | None = None
     gt_action_topic: str | None = None
@@ -64,3 +67,60 @@ def check_options(o: ReplayOptions) -> None:
     for flag, v in (("--gt-tolerance-s", o.gt_tolerance_s), ("--wait-timeout-s", o.wait_timeout_s)):
         if not (math.isfinite(v) and v >= 0):
             raise ReplayError(f"{flag} must be a finite number >= 0, got {v}")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One replayed stream: an image topic of a bag (None: the bag's only image topic)."""
+
+    name: str  # unique, usable as a folder name: the stream's sub-folder of the report
+    bag: str
+    image_topic: str | None
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    return [v] if isinstance(v, (str, Path)) else list(v)
+
+
+def _safe_name(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return name or "stream"
+
+
+def _unique(names: list[str]) -> list[str]:
+    out, seen = [], {}
+    for n in names:
+        k = seen.get(n, 0) + 1
+        seen[n] = k
+        out.append(n if k == 1 else f"{n}_{k}")
+    return out if len(set(out)) == len(out) else [f"{n}_{i}" for i, n in enumerate(out)]
+
+
+def stream_specs(o: ReplayOptions) -> list[StreamSpec]:
+    """The streams the options name, in order. One bag and at most one topic: one stream (the
+    single-stream replay, report at --out). Several topics of one bag: one stream per topic.
+    Several bags: one stream per bag, all with the one --image-topic given (or each bag's only
+    image topic), or paired in order with as many --image-topic as bags. Anything else:
+    ReplayError. Live mode replays one stream."""
+    bags, topics = [str(b) for b in _as_list(o.bag)], [str(t) for t in _as_list(o.image_topic)]
+    if not bags:
+        raise ReplayError("no bag given")
+    if len(bags) == 1:
+        if len(topics) != len(set(topics)):
+            raise ReplayError(f"--image-topic given twice with the same topic: {', '.join(topics)}")
+        specs = [(bags[0], t) for t in topics] or [(bags[0], None)]
+        names = [_safe_name(t) for t in topics] if len(topics) > 1 else ["stream"]
+    else:
+        if len(topics) > 1 and len(topics) != len(bags):
+            raise ReplayError(f"mismatched options: {len(bags)} bags and {len(topics)} --image-topic values "
+                              "(give one topic for every bag, or one per bag in the same order)")
+        specs = [(b, topics[i] if len(topics) > 1 else (topics[0] if topics else None)) for i, b in enumerate(bags)]
+        names = [_safe_name(Path(b).expanduser().name if Path(b).suffix not in (".db3", ".mcap")
+                            else Path(b).expanduser().parent.name) for b in bags]
+    specs = [StreamSpec(n, b, t) for n, (b, t) in zip(_unique(names), specs)]
+    if len(specs) > 1 and o.mode != "offline":
+        raise ReplayError(f"mismatched options: {len(specs)} streams in {o.mode} mode; several bags or image "
+                          "topics are replayed offline only (live mode replays one stream)")
+    return specs

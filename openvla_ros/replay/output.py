@@ -41,8 +41,20 @@ def bag_extent(bag: str | os.PathLike) -> Path:
     return p
 
 
-def default_out(bag: str | os.PathLike) -> Path:
-    return Path.cwd() / f"{Path(bag).expanduser().resolve().name}_openvla_replay"
+def _bags(bag) -> list:
+    """One bag (a path) or several (a list of paths) -> a list of paths, duplicates removed."""
+    bags = [bag] if isinstance(bag, (str, os.PathLike)) else list(bag)
+    return list(dict.fromkeys(Path(b).expanduser().resolve() for b in bags))
+
+
+def default_out(bag) -> Path:
+    """./<bag>_openvla_replay; several bags: ./<bag1>+<bag2>..._openvla_replay (the first one and a
+    count when the names are long)."""
+    names = [p.name for p in _bags(bag)]
+    joined = "+".join(names)
+    if len(joined) > 120:
+        joined = f"{names[0]}+{len(names) - 1}_more"
+    return Path.cwd() / f"{joined}_openvla_replay"
 
 
 def is_ours(folder: Path) -> bool:
@@ -73,15 +85,16 @@ def incomplete_path(out: Path) -> Path:
     return out.with_name(out.name + INCOMPLETE_SUFFIX)
 
 
-def check_out(out_arg: str | None, bag: str | os.PathLike, force: bool) -> tuple[Path, Path]:
-    """(out, tmp) for this run, or ReplayError; reads the file system, writes nothing."""
+def check_out(out_arg: str | None, bag, force: bool) -> tuple[Path, Path]:
+    """(out, tmp) for this run, or ReplayError; reads the file system, writes nothing. bag: one
+    input bag, or a list of them (several streams): --out may overlap none of them."""
     try:
         return _check_out(out_arg, bag, force)
     except OSError as e:  # e.g. a folder we may not list
         raise ReplayError(f"cannot use --out {out_arg}: {e.strerror or e}: {e.filename}") from None
 
 
-def _check_out(out_arg: str | None, bag: str | os.PathLike, force: bool) -> tuple[Path, Path]:
+def _check_out(out_arg: str | None, bag, force: bool) -> tuple[Path, Path]:
     if out_arg is not None and not str(out_arg).strip():
         raise ReplayError("--out is empty: give a folder name")
     out = _abs(Path(out_arg)) if out_arg is not None else default_out(bag)
@@ -92,12 +105,12 @@ def _check_out(out_arg: str | None, bag: str | os.PathLike, force: bool) -> tupl
     if out == cwd or out in cwd.parents:
         raise ReplayError(f"{given} is the current folder or one above it; choose a new folder name")
     tmp = incomplete_path(out)
-    extent = bag_extent(bag)
-    for path, what in ((out, given), (tmp, f"{given}: its working folder {tmp}")):
-        how = _overlap(path.resolve(), extent)
-        if how:
-            raise ReplayError(f"{what} {how} the input bag {extent}; write the report elsewhere"
-                              + ("" if out_arg is not None else " (pass --out)"))
+    for extent in (bag_extent(b) for b in _bags(bag)):
+        for path, what in ((out, given), (tmp, f"{given}: its working folder {tmp}")):
+            how = _overlap(path.resolve(), extent)
+            if how:
+                raise ReplayError(f"{what} {how} the input bag {extent}; write the report elsewhere"
+                                  + ("" if out_arg is not None else " (pass --out)"))
     if out.is_symlink():
         raise ReplayError(f"{given} is a symbolic link; give the real folder")
     if out.exists():
@@ -128,8 +141,9 @@ def _check_out(out_arg: str | None, bag: str | os.PathLike, force: bool) -> tupl
     return out, tmp
 
 
-def create_incomplete(tmp: Path, force: bool, bag: str | os.PathLike) -> None:
-    """Create `tmp` exclusively and sign it; a leftover of ours is replaced only with force."""
+def create_incomplete(tmp: Path, force: bool, bag) -> None:
+    """Create `tmp` exclusively and sign it; a leftover of ours is replaced only with force.
+    bag: the input bag, or a list of them (the marker's "bag" is the first, "bags" all)."""
     try:
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -140,7 +154,8 @@ def create_incomplete(tmp: Path, force: bool, bag: str | os.PathLike) -> None:
             shutil.rmtree(tmp)
             tmp.mkdir()
         (tmp / MARKER).write_text(json.dumps({
-            "written_by": WRITTEN_BY, "bag": str(Path(bag).expanduser().resolve()), "pid": os.getpid(),
+            "written_by": WRITTEN_BY, "bag": str(_bags(bag)[0]), "bags": [str(b) for b in _bags(bag)],
+            "pid": os.getpid(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise ReplayError(f"cannot create the output folder {tmp}: {e.strerror or e}") from None

@@ -155,3 +155,42 @@ def write_report(out: Path, summary: dict, plots: list[str]) -> None:
     imgs = "\n".join(f'<img src="{p}" alt="{p}" style="max-width:100%">' for p in plots)
     (out / "index.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>OpenVLA replay</title>\n{text}\n{imgs}\n", encoding="utf-8")
+
+
+def write_streams_report(out: Path, summary: dict) -> None:
+    """report.md + index.html of a several-stream replay: one row per stream, linking its own
+    report (<stream>/report.md), and how the frames were batched."""
+    b, m = summary["batch"] or {}, summary["model"]
+    header = ["stream", "bag", "image topic", "processed / selected", "rejected", "latency p50 ms", "mean MAE",
+              "gripper agreement", "mean accepted"]
+    lines = [f"# OpenVLA replay report, {len(summary['streams'])} streams"
+             f"{' (PARTIAL: stopped early)' if summary['partial'] else ''}", "",
+             f"- model: `{m.get('weights_path')}` on {m.get('backend')} {m.get('device', '')} {m.get('dtype', '')}",
+             f"- mode: {summary['mode']}, batched: {b.get('batches')} predict_batch calls for {b.get('items')} "
+             f"actions, mean batch {_fmt(b.get('mean_size'))} (calls per batch size: {b.get('sizes')}); "
+             + ("the backend batches them" if b.get("batched_backend") else "the backend runs them one by one"),
+             "- latency: what a stream waits for its action, i.e. the whole batch", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name, s in summary["streams"].items():
+        f = s["frames"]
+        lines.append(f"| [{name}]({name}/report.md) | `{s['bag']}` | `{s['image_topic']}` | {f['processed']} / "
+                     f"{f['selected']} | {f['rejected']} | {_fmt(s['latency_ms']['p50'])} | {_fmt(s['mean_mae'])} | "
+                     f"{_fmt(s['gripper_agreement'], 3)} | {_fmt(s['mean_accepted'], 3)} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    items = []
+    for ln in lines:
+        if ln.startswith("# "):
+            items.append(f"<h1>{html.escape(ln[2:])}</h1>")
+        elif ln.startswith("- "):
+            items.append(f"<p>{html.escape(ln[2:])}</p>")
+    rows = ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"]
+    for name, s in summary["streams"].items():
+        f = s["frames"]
+        cells = [f"<a href='{html.escape(name)}/index.html'>{html.escape(name)}</a>", html.escape(str(s["bag"])),
+                 html.escape(str(s["image_topic"])), f"{f['processed']} / {f['selected']}", str(f["rejected"]),
+                 _fmt(s["latency_ms"]["p50"]), _fmt(s["mean_mae"]), _fmt(s["gripper_agreement"], 3),
+                 _fmt(s["mean_accepted"], 3)]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>OpenVLA replay</title>\n" + "\n".join(items)
+        + "\n<table border=1 cellpadding=4>\n" + "\n".join(rows) + "\n</table>\n", encoding="utf-8")

@@ -1,5 +1,6 @@
-"""The replay driver: checks the options and the output folder, runs the offline or live mode,
-and writes the report into `<out>.incomplete`, renamed into place when complete (or marked partial).
+"""The replay driver: checks the options and the output folder, runs the offline or live mode
+(several streams: offline, batched), and writes the report into `<out>.incomplete`, renamed into
+place when complete (or marked partial).
 
 Imports flow one way: cli -> run -> offline | live -> frames (the per-frame helpers both modes
 share) -> options, bag. offline and live are imported when chosen (torch / rclpy are heavy)."""
@@ -14,9 +15,9 @@ import numpy as np
 from . import metrics
 from .bag import BagEpisode, ReplayError, write_action_bag
 from .frames import expected_selected
-from .options import ReplayOptions, check_options
+from .options import ReplayOptions, check_options, stream_specs
 from .output import check_out, create_incomplete, publish
-from .report import plot_all, write_csv, write_json, write_report
+from .report import plot_all, write_csv, write_json, write_report, write_streams_report
 
 
 class _Interrupt:
@@ -39,36 +40,83 @@ class _Interrupt:
             signal.signal(s, h)
 
 
-def run_replay(o: ReplayOptions) -> tuple[Path, dict]:
-    check_options(o)
-    out, tmp = check_out(o.out, o.bag, o.force)  # before any work: a refused output costs nothing
-    ep = BagEpisode(o.bag, o.image_topic, o.instruction_topic, o.gt_action_topic,
+def open_episode(o: ReplayOptions, bag, image_topic) -> BagEpisode:
+    ep = BagEpisode(bag, image_topic, o.instruction_topic, o.gt_action_topic,
                     need_instruction_topic=not o.instruction, twist_period_s=o.twist_period_s)
-    if not o.instruction:
-        if not ep.instructions:
-            raise ReplayError(f"instruction topic {ep.instruction_topic} has no messages; pass --instruction TEXT")
-    create_incomplete(tmp, o.force, o.bag)
+    if not o.instruction and not ep.instructions:
+        raise ReplayError(f"instruction topic {ep.instruction_topic} has no messages in {ep.path}; "
+                          "pass --instruction TEXT")
+    return ep
+
+
+def _check_instruction_timing(ep: BagEpisode, rows: list) -> None:
+    if rows and all(r["status"] == "no_instruction" for r in rows):
+        raise ReplayError(
+            f"mismatched instruction timing: the first instruction on {ep.instruction_topic} is recorded "
+            f"{(ep.instructions[0][0] - ep.start_ns) / 1e9:.3f} s into the bag {ep.path.name}, after every selected "
+            "image; pass --instruction TEXT")
+
+
+def run_replay(o: ReplayOptions) -> tuple[Path, dict]:
+    """One stream: the report in --out. Several streams (offline): one report per stream in
+    --out/<stream>/ (each what a single-stream replay of that stream writes, the latency aside),
+    and an overview (summary.json, report.md) in --out."""
+    check_options(o)
+    specs = stream_specs(o)
+    bags = [sp.bag for sp in specs]
+    out, tmp = check_out(o.out, bags if len(specs) > 1 else bags[0], o.force)  # before any work
+    eps = [open_episode(o, sp.bag, sp.image_topic) for sp in specs]
+    create_incomplete(tmp, o.force, bags)
     try:
         with _Interrupt() as stop:
-            if o.mode == "offline":
+            if o.mode == "offline" and len(eps) > 1:
+                from .offline import run_offline_streams
+
+                results, batch_info = run_offline_streams(eps, o, stop)
+            elif o.mode == "offline":
                 from .offline import run_offline
 
-                rows, info = run_offline(ep, o, stop)
+                results, batch_info = [run_offline(eps[0], o, stop)], None
             else:
                 from .live import run_live
 
-                rows, info = run_live(ep, o, stop)
-        if rows and all(r["status"] == "no_instruction" for r in rows):
-            raise ReplayError(
-                f"mismatched instruction timing: the first instruction on {ep.instruction_topic} is recorded "
-                f"{(ep.instructions[0][0] - ep.start_ns) / 1e9:.3f} s into the bag, after every selected image; "
-                "pass --instruction TEXT")
-        summary = finalize(tmp, ep, o, rows, info, partial=stop.hit)
+                results, batch_info = [run_live(eps[0], o, stop)], None
+        for ep, (rows, _) in zip(eps, results):
+            _check_instruction_timing(ep, rows)
+        if len(eps) == 1:
+            summary = finalize(tmp, eps[0], o, *results[0], partial=stop.hit)
+        else:
+            per_stream = {}
+            for sp, ep, (rows, info) in zip(specs, eps, results):
+                (tmp / sp.name).mkdir()
+                per_stream[sp.name] = finalize(tmp / sp.name, ep, o, rows, info, partial=stop.hit)
+            summary = streams_overview(per_stream, batch_info, o, partial=stop.hit)
+            write_json(tmp / "summary.json", summary)
+            write_streams_report(tmp, summary)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # ours: created exclusively above
         raise
     publish(tmp, out, o.force)
     return out, summary
+
+
+def streams_overview(per_stream: dict, batch_info: dict | None, o: ReplayOptions, partial: bool) -> dict:
+    """The top-level summary of a several-stream replay: each stream's headline figures (its full
+    summary is in <stream>/summary.json) and how the frames were batched."""
+    first = next(iter(per_stream.values()))
+    streams = {}
+    for name, s in per_stream.items():
+        errs = s["errors_vs_gt"]
+        maes = [e["mae"] for e in errs.values() if e["mae"] is not None] if errs else []
+        streams[name] = {"folder": name, "bag": s["bag"]["path"], "image_topic": s["bag"]["image_topic"],
+                         "instruction": s["instruction"], "frames": s["frames"], "latency_ms": s["latency_ms"],
+                         "achieved_rate_hz": s["achieved_rate_hz"],
+                         "mean_mae": float(np.mean(maes)) if maes else None,
+                         "gripper_agreement": s["gripper_agreement"],
+                         "mean_accepted": (s["speculative"] or {}).get("mean_accepted")}
+    return {"partial": bool(partial), "mode": o.mode, "streams": streams, "batch": batch_info,
+            "model": first["model"], "unnorm_key": first["unnorm_key"],
+            "timing_s": {"total": max(s["timing_s"].get("total", 0.0) for s in per_stream.values())}}
 
 
 def finalize(out: Path, ep: BagEpisode, o: ReplayOptions, rows: list, info: dict, partial: bool) -> dict:
