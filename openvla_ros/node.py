@@ -31,6 +31,9 @@ Topics (relative, so namespaces and remapping work; `<stream>/` in front with na
   in:  image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage), instruction
   out: action, action_preview (openvla_ros/EndEffectorAction), twist (TwistStamped), gripper (Float64),
        /diagnostics;  services: ~/enable (every stream), ~/<stream>/enable (std_srvs/SetBool).
+OpenVLA-OFT checkpoints (chunk mode, chosen by the checkpoint): each stream is a ChunkStream
+(openvla_ros/chunk_stream.py): wrist image and robot state in, one pass per frame, the chunk on
+`action_chunk`, its steps on `action` / `twist` / `gripper` every action_period_s (docs/oft.md).
 See docs/ros_node.md.
 """
 from __future__ import annotations
@@ -260,6 +263,11 @@ class OpenVLANode(LifecycleNode):
             info = {"describe_error": str(e)}
         problems = [f"{s.label}{p}" for s in self.streams
                     for p in [self._unnorm_key_problem(s.cfg.unnorm_key, info)] if p]
+        chunk_mode = getattr(policy, "kind", "") == "oft"  # OpenVLA-OFT: action chunks (docs/oft.md)
+        if chunk_mode:
+            from .chunk_stream import chunk_mode_problem
+
+            problems += [p for p in [chunk_mode_problem(policy, cfg)] if p]
         if problems:
             policy.close()
             self.load_error = "; ".join(dict.fromkeys(problems))
@@ -268,6 +276,11 @@ class OpenVLANode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.policy, self.policy_info = policy, info
         self._speculative = self._takes_drafts(cfg, policy)
+        if chunk_mode:
+            from .chunk_stream import ChunkStream, chunk_num_images
+
+            for s in self.streams:
+                ChunkStream.upgrade(s, policy, chunk_num_images(policy, cfg))
         for s in self.streams:
             s.create_topics()
             if s.cfg.initial_instruction:
@@ -501,6 +514,8 @@ class OpenVLANode(LifecycleNode):
         item's outcome back to its own stream (checks, then publishing). A stream's refused frame
         or failed item stays that stream's; a failure of the whole batch (the backend) is counted
         by every stream in it."""
+        if getattr(self.policy, "kind", "") == "oft":
+            return self._process_chunks(batch)
         from openvla_model.policy import BatchItem
 
         prepared: list[tuple[Stream, Prepared]] = []
@@ -535,6 +550,23 @@ class OpenVLANode(LifecycleNode):
         for (s, prep), outcome in zip(prepared, outcomes):
             try:
                 inference = s.finish(prep, outcome, batch_ms)
+                if inference is not None:
+                    s.publish(inference)
+            except Exception as e:  # noqa: BLE001
+                self._stream_failed(s, e)
+
+    def _process_chunks(self, batch: list[tuple[Stream, Frame]]) -> None:
+        """Chunk mode (OpenVLA-OFT): one pass per stream's frame; each ChunkStream prepares
+        (instruction, camera, wrist image, robot state), runs, checks and publishes its own."""
+        for s, frame in batch:
+            try:
+                pc = s.prepare(frame)
+                policy = self.policy
+                if pc is None or policy is None:
+                    continue
+                t1 = time.perf_counter()
+                outcome = s.infer(policy, pc)
+                inference = s.finish(pc, outcome, (time.perf_counter() - t1) * 1e3)
                 if inference is not None:
                     s.publish(inference)
             except Exception as e:  # noqa: BLE001

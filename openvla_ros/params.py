@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Iterable
 
 from .image_conversion import DEFAULT_MAX_PIXELS
+from .oft_inputs import PROPRIO_TYPES
 from .safety import GRIPPER_CONVENTIONS, GripperConfig, MotionLimits, SafetyError
 
 BACKENDS = ("ttnn", "torch")
@@ -108,6 +109,18 @@ def _unit_interval(v):
     return None if _is_num(v) and 0.0 <= v <= 1.0 else "must be a number in [0, 1]"
 
 
+def _indices(v):
+    ok = all(_is_num(x) and float(x).is_integer() and x >= 0 for x in v)
+    return None if ok else "must be integers >= 0"
+
+
+def _joint_names(v):
+    names = [n for n in v if n != ""]
+    if any(not n.strip() for n in names):
+        return "must be joint names (empty: every position in message order)"
+    return None if len(set(names)) == len(names) else "must be distinct"
+
+
 STREAM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
@@ -179,6 +192,23 @@ SPECS: dict[str, Spec] = {
     "max_batch_wait_ms": Spec(0.0, "How long the batcher may wait, after a stream's frame arrived, for frames of "
                               "the other streams before running the batch, ms (0: take what is pending).",
                               read_only=False, check=_non_negative, number=True),
+    # -- OpenVLA-OFT checkpoints (chunk mode, docs/oft.md) --
+    "num_images": Spec(0, "OpenVLA-OFT: images per chunk, 1 (`image`) or 2 (`image` + `wrist_image`); 0 = what the "
+                       "checkpoint states (config.json openvla_oft.num_images_in_input), else 1.",
+                       check=lambda v: None if v in (0, 1, 2) and not isinstance(v, bool) else "must be 0, 1 or 2"),
+    "proprio_type": Spec("float64_array", "OpenVLA-OFT with proprio: type of the `proprio` topic, float64_array "
+                         "(std_msgs/Float64MultiArray) or joint_state (sensor_msgs/JointState).", choices=PROPRIO_TYPES),
+    "proprio_joint_names": Spec([""], "proprio_type joint_state: the joints whose positions form the robot state, in "
+                                "this order ([''] = every position in message order).", check=_joint_names),
+    "proprio_indices": Spec([], "proprio_type float64_array: the indices of `data` forming the robot state, in this "
+                            "order ([] = all of data).", check=_indices, number=True),
+    "max_proprio_age_s": Spec(0.5, "OpenVLA-OFT: a robot state received longer ago than this is not used, s.",
+                              read_only=False, check=_positive, number=True),
+    "execute_steps": Spec(0, "OpenVLA-OFT: steps of a chunk executed before a newer chunk replaces the rest "
+                          "(0 = the whole chunk).", read_only=False, check=_int_at_least(0)),
+    "temporal_ensemble_decay": Spec(0.0, "OpenVLA-OFT: ACT temporal ensembling, each step the average of every chunk "
+                                    "in play weighted exp(-m i), i = 0 the oldest; 0 = off (one chunk at a time, "
+                                    "execute_steps).", check=_non_negative, number=True),
     # -- safety --
     "start_enabled": Spec(False, "Publish motion on `action`/`twist`/`gripper` right after activation. false = dry run "
                           "(actions only on `action_preview`) until ~/enable is called with true."),
@@ -253,6 +283,13 @@ class NodeConfig:
     control_rate_hz: float
     streams: tuple
     max_batch_wait_ms: float
+    num_images: int
+    proprio_type: str
+    proprio_joint_names: tuple
+    proprio_indices: tuple
+    max_proprio_age_s: float
+    execute_steps: int
+    temporal_ensemble_decay: float
     start_enabled: bool
     max_image_age_s: float
     max_instruction_age_s: float
@@ -374,6 +411,10 @@ def _validate_one(values: dict) -> NodeConfig:
         initial_instruction=v["initial_instruction"], max_instruction_chars=v["max_instruction_chars"],
         max_image_pixels=v["max_image_pixels"], inference_mode=v["inference_mode"],
         control_rate_hz=v["control_rate_hz"], streams=tuple(v["streams"]), max_batch_wait_ms=v["max_batch_wait_ms"],
+        num_images=v["num_images"], proprio_type=v["proprio_type"],
+        proprio_joint_names=tuple(n for n in v["proprio_joint_names"] if n),
+        proprio_indices=tuple(int(i) for i in v["proprio_indices"]), max_proprio_age_s=v["max_proprio_age_s"],
+        execute_steps=v["execute_steps"], temporal_ensemble_decay=v["temporal_ensemble_decay"],
         start_enabled=v["start_enabled"],
         max_image_age_s=v["max_image_age_s"], max_instruction_age_s=v["max_instruction_age_s"],
         limits=limits, gripper=gripper, action_frame=v["action_frame"].strip(),
