@@ -1,7 +1,10 @@
 """openvla-bench: time every stage of one action, for any backend, against transformers' generate().
 
     openvla-bench [--backend torch|ttnn] [--device cpu|cuda] [--size full|tiny] [--weights DIR]
-                  [--runs N] [--json OUT]
+                  [--runs N] [--json OUT] [--draft none|all|K[,K]]
+    openvla-bench --batch 1,2,4,8 [...]   several streams per policy.predict_batch (run_batch)
+    openvla-bench --oft [...]             one OpenVLA-OFT pass per chunk beside OpenVLA (run_oft)
+    openvla-bench --oft --backend ttnn --mesh-device N300|T3K [--report ops]   the same on TT-NN (a card), or modelled
 
 Without --weights, `--size full` builds the full OpenVLA-7B shape with RANDOM weights
 (initialised on the device in the working dtype; nothing is downloaded) and `--size tiny` writes
@@ -521,6 +524,435 @@ def run(args, frames: FrameSource | None = None) -> dict:
     return report
 
 
+# -- --batch: several streams in one predict_batch ------------------------------------------
+
+def parse_batch(value: str) -> list[int]:
+    """--batch: a comma list of batch sizes (1..64), e.g. 1,2,4,8 -> sorted, with 1 (the baseline
+    of the ratios) added when missing."""
+    sizes = set()
+    for part in value.split(","):
+        part = part.strip()
+        b = int(part) if part.isdigit() else -1
+        if not 1 <= b <= 64:
+            raise ValueError(f"--batch {value!r}: use batch sizes 1..64, comma separated (e.g. 1,2,4,8)")
+        sizes.add(b)
+    return sorted(sizes | {1})
+
+
+def _percentiles(values) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": int(a.size)}
+
+
+def run_batch(args, frames: FrameSource | None = None) -> dict:
+    """Per batch size B: B streams' frames (distinct images, prompts of two lengths) converted and
+    run as one policy.predict_batch, as the node's batcher does. Latency per action = the whole
+    call (every stream waits for the batch); aggregate actions/s = B / median latency."""
+    from .action_codec import ActionCodec
+    from .backends import create_backend
+    from .backends.torch_backend import resolve_device
+    from .config import load_config
+    from .policy import BatchItem, OpenVLAPolicy
+    from .preprocess import Preprocessor
+    from .prompt import PromptTokenizer
+    from .synthetic import synthetic_rgb
+
+    device = resolve_device(args.device)
+    sync = make_sync(device)
+    tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
+    wdir, checkpoint, source = prepare_model_dir(args.size, args.weights, tmp)
+    config = load_config(wdir)
+    dtype, _ = choose_dtype(config, device)
+    frames = frames or FrameSource()
+    sizes = args.batch_sizes
+    t = time.perf_counter()
+    be = create_backend(args.backend, config, checkpoint, device=str(device), dtype=dtype,
+                        mesh_device=getattr(args, "mesh_device", None) or os.environ.get("MESH_DEVICE"))
+    load_s = time.perf_counter() - t
+    policy = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
+                           ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
+                                       n_bins=config.n_action_bins),
+                           Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
+                           default_unnorm_key=UNNORM_KEY)
+    msgs = [frames.make(synthetic_rgb(j, FRAME_HEIGHT, FRAME_WIDTH)) for j in range(max(sizes))]
+    instructions = [INSTRUCTIONS[j % len(INSTRUCTIONS)] for j in range(max(sizes))]
+
+    def runner(b: int):
+        def once(_msg) -> dict:
+            sync()
+            t0 = time.perf_counter()
+            items = [BatchItem(frames.convert(msgs[j]), instructions[j]) for j in range(b)]
+            outcomes = policy.predict_batch(items)
+            sync()
+            wall = (time.perf_counter() - t0) * 1e3
+            bad = [o for o in outcomes if isinstance(o, Exception)]
+            if bad:
+                raise bad[0]
+            stages = {k: v for k, v in outcomes[0].timings_ms.items() if k not in ("preprocess", "total")}
+            return {"latency": wall, **stages}
+
+        return once
+
+    # greedy-exactness per item: each stream's tokens in the batch == predict() of it alone
+    alone = [policy.predict(frames.convert(msgs[j]), instructions[j]).tokens for j in range(max(sizes))]
+    equal = {}
+    for b in sizes:
+        got = policy.predict_batch([BatchItem(frames.convert(msgs[j]), instructions[j]) for j in range(b)])
+        equal[b] = sum(bool(np.array_equal(got[j].tokens, alone[j])) for j in range(b))
+    runners = [(f"batch{b}", runner(b)) for b in sizes]
+    t = time.perf_counter()
+    for _, once in runners:
+        for i in range(WARMUP_RUNS):
+            once(None)
+    rec = time_interleaved(runners, [None], args.runs)
+    wall = time.perf_counter() - t
+    results = {}
+    for b in sizes:
+        r = rec[f"batch{b}"]
+        lat = _percentiles(r["latency"])
+        results[str(b)] = {"latency_ms": lat, "actions_per_s": round(b * 1e3 / lat["p50_ms"], 3),
+                           "stages_median_ms": {k: float(np.median(v)) for k, v in r.items() if k != "latency"},
+                           "tokens_equal_alone": f"{equal[b]}/{b}"}
+    base = results["1"]
+    for b in sizes:
+        r = results[str(b)]
+        r["throughput_vs_batch1"] = round(r["actions_per_s"] / base["actions_per_s"], 3)
+        r["latency_vs_batch1"] = round(r["latency_ms"]["p50_ms"] / base["latency_ms"]["p50_ms"], 3)
+    report = {"tool": "openvla-bench", "mode": "batch", "backend": args.backend, "size": args.size,
+              "weights": source, "dtype": str(dtype).replace("torch.", ""), "runs": args.runs,
+              "warmup_runs": WARMUP_RUNS, "batch_sizes": sizes, "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}",
+              "image_conversion": frames.name, "instructions": list(INSTRUCTIONS), "env": _env_info(device),
+              "describe": be.describe(), "batched_backend": hasattr(be, "generate_batch"),
+              "load_s": round(load_s, 2), "timing_wall_s": round(wall, 2), "results": results}
+    policy.close()
+    return report
+
+
+def print_batch_report(report: dict) -> None:
+    env, d = report["env"], report["describe"]
+    how = "one generate_batch call per batch" if report["batched_backend"] else \
+        "NO generate_batch on this backend: predict_batch runs one generate per item"
+    print(f"openvla-bench --batch: backend {d.get('backend')} ({d.get('path', 'reference')}; {how}), "
+          f"{report['weights']}, {report['dtype']}, on {env['card']} (torch {env['torch']})")
+    print(f"B streams = B distinct {report['frame']} frames, prompts of two lengths alternating, converted and run as "
+          f"one policy.predict_batch; {report['runs']} runs per batch size (round-robin) after "
+          f"{report['warmup_runs']} warm-up runs; latency = the whole call (what each stream waits)")
+    print(f"{'batch':>5}{'latency p50 ms':>16}{'p95 ms':>10}{'per action ms':>15}{'actions/s':>11}"
+          f"{'x batch-1 actions/s':>21}{'x batch-1 latency':>19}{'tokens == alone':>17}")
+    for b, r in report["results"].items():
+        lat = r["latency_ms"]
+        print(f"{b:>5}{lat['p50_ms']:>16.2f}{lat['p95_ms']:>10.2f}{lat['p50_ms'] / int(b):>15.2f}"
+              f"{r['actions_per_s']:>11.2f}{r['throughput_vs_batch1']:>21.2f}{r['latency_vs_batch1']:>19.2f}"
+              f"{r['tokens_equal_alone']:>17}")
+
+
+# -- --oft: one OpenVLA-OFT pass per action chunk beside plain OpenVLA -------------------------
+
+def random_oft_policy(config_dir, checkpoint, device, dtype: str, seed: int = 0, mesh_device: str | None = None):
+    """An OpenVLA-OFT policy on a weights-less config directory (write_full_config) and a
+    RandomCheckpoint: random backbone, random L1 head and proprio projector, LIBERO-shaped
+    statistics (8 x 7 chunk, 8 proprio values), on the path load_oft_policy would choose for the
+    device (FastOFTModel on CUDA), or on the TT-NN mesh `mesh_device` (TtnnOFTModel) when given.
+    For speed figures only: meaningless actions."""
+    from dataclasses import replace
+
+    import torch
+
+    from .action_codec import ActionCodec
+    from .config import load_config
+    from .oft import L1RegressionActionHead, OFTTorchModel, ProprioProjector, resolve_spec
+    from .oft_checkpoint import TINY_OFT_STATS
+    from .oft_policy import OFTPolicy
+    from .preprocess import Preprocessor
+    from .prompt import PromptTokenizer
+
+    config = replace(load_config(config_dir), norm_stats=TINY_OFT_STATS)
+    stats = next(iter(TINY_OFT_STATS.values()))
+    llm_dim = int(config.llm.hidden_size)
+    torch.manual_seed(seed)
+    head = L1RegressionActionHead(llm_dim, llm_dim, len(stats["action"]["q01"]))
+    proj = ProprioProjector(len(stats["proprio"]["q01"]), llm_dim)
+    spec = resolve_spec(TINY_OFT_STATS, head_action_dim=head.action_dim, projector_dim=proj.fc1.in_features)
+    codec = ActionCodec(TINY_OFT_STATS, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    if mesh_device:
+        from .backends.ttnn.oft import TtnnOFTModel
+
+        model = TtnnOFTModel(config, checkpoint, spec, head, proj, codec, mesh_device=mesh_device)
+        return OFTPolicy(config, spec, model, PromptTokenizer(config_dir), Preprocessor(config, device="cpu"),
+                         "random (LIBERO-shaped statistics)")
+    model = OFTTorchModel(config, checkpoint, spec, head, proj, codec, device=device, dtype=dtype)
+    from .backends.torch_cuda import FastOFTModel, use_fast_path
+
+    if use_fast_path(model.device):  # as load_oft_policy: the fast path on CUDA ($OPENVLA_TORCH_FAST overrides)
+        model = FastOFTModel(model)
+    pre = Preprocessor(config, device=getattr(model, "preprocess_device", "cpu"))
+    return OFTPolicy(config, spec, model, PromptTokenizer(config_dir), pre, "random (LIBERO-shaped statistics)")
+
+
+def run_oft(args, frames: FrameSource | None = None) -> dict:
+    """Time one OFT pass (a whole chunk) and one plain OpenVLA action on the same backbone and
+    frames: per chunk, per action (chunk / T), and the ratio to plain OpenVLA per action."""
+    if getattr(args, "backend", "torch") == "ttnn":
+        return run_oft_ttnn(args, frames)
+    from .action_codec import ActionCodec
+    from .backends import create_backend
+    from .backends.torch_backend import resolve_device
+    from .checkpoint import Checkpoint
+    from .config import load_config
+    from .errors import ConfigError
+    from .oft import checkpoint_kind
+    from .policy import OpenVLAPolicy
+    from .preprocess import Preprocessor
+    from .prompt import PromptTokenizer
+    from .synthetic import synthetic_rgb
+
+    device = resolve_device(args.device)
+    sync = make_sync(device)
+    tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
+    t = time.perf_counter()
+    if args.weights or args.size == "tiny":
+        from .oft_policy import load_oft_policy
+
+        if args.weights:
+            wdir, source = Path(args.weights), f"checkpoint {args.weights}"
+            if checkpoint_kind(wdir) != "oft":
+                raise ConfigError(f"--oft: {wdir} is not an OpenVLA-OFT checkpoint (no action head or proprio "
+                                  "projector file beside the HF files)")
+        else:
+            from .oft_checkpoint import write_tiny_oft_checkpoint
+
+            wdir, source = write_tiny_oft_checkpoint(tmp / "tiny_oft", seed=0), "tiny random OFT checkpoint"
+        config = load_config(wdir)
+        dtype, _ = choose_dtype(config, device)
+        dt = str(dtype).replace("torch.", "")
+        oft = load_oft_policy(wdir, device=str(device), dtype=dt)
+        checkpoint = Checkpoint(wdir)
+    else:
+        from .full_config import RandomCheckpoint, write_full_config
+
+        wdir = write_full_config(tmp / "full")
+        config = load_config(wdir)
+        dtype, _ = choose_dtype(config, device)
+        dt = str(dtype).replace("torch.", "")
+        oft = random_oft_policy(wdir, RandomCheckpoint(seed=0), str(device), dt)
+        checkpoint, source = RandomCheckpoint(seed=0), "full size, random weights (OFT: random head and projector)"
+    oft_load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    be = create_backend("torch", config, checkpoint, device=str(device), dtype=dt)
+    plain_key = UNNORM_KEY if UNNORM_KEY in config.norm_stats else sorted(config.norm_stats)[0]
+    plain = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
+                          ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
+                                      n_bins=config.n_action_bins),
+                          Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
+                          default_unnorm_key=plain_key)
+    plain_load_s = time.perf_counter() - t
+    frames = frames or FrameSource()
+    spec = oft.spec
+    n_images = spec.num_images_in_input or 2  # LIBERO's configuration: primary + wrist camera
+    msgs = [frames.make(synthetic_rgb(j, FRAME_HEIGHT, FRAME_WIDTH)) for j in range(n_images)]
+    oft_key = sorted(oft.config.norm_stats)[0]
+    stats = oft.config.norm_stats[oft_key]
+    proprio = None
+    if oft.uses_proprio:  # a state in the middle of the recorded range
+        lo, hi = (np.asarray(stats["proprio"][q], np.float64) for q in ("q01", "q99"))
+        proprio = (lo + hi) / 2
+    instruction = INSTRUCTIONS[0]
+
+    def oft_once(_msg) -> dict:
+        sync()
+        t0 = time.perf_counter()
+        images = [frames.convert(m) for m in msgs[:n_images]]
+        chunk = oft.predict_chunk(images, instruction, proprio=proprio, unnorm_key=oft_key)
+        sync()
+        return {"total": (time.perf_counter() - t0) * 1e3,
+                **{k: v for k, v in chunk.timings_ms.items() if k != "total"}}
+
+    def plain_once(_msg) -> dict:
+        sync()
+        t0 = time.perf_counter()
+        r = plain.predict(frames.convert(msgs[0]), instruction)
+        sync()
+        return {"total": (time.perf_counter() - t0) * 1e3,
+                **{k: v for k, v in r.timings_ms.items() if k != "total"}}
+
+    runners = [("oft-chunk", oft_once), ("openvla-action", plain_once)]
+    for _, once in runners:
+        for _ in range(WARMUP_RUNS):
+            once(None)
+    t = time.perf_counter()
+    rec = time_interleaved(runners, [None], args.runs)
+    wall = time.perf_counter() - t
+    chunk_ms = summarise(rec["oft-chunk"]["total"])
+    plain_ms = summarise(rec["openvla-action"]["total"])
+    steps = spec.num_actions_chunk
+    per_action = chunk_ms["median_ms"] / steps
+    report = {"tool": "openvla-bench", "mode": "oft", "size": args.size, "weights": source,
+              "dtype": dt, "runs": args.runs, "warmup_runs": WARMUP_RUNS, "instruction": instruction,
+              "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}", "image_conversion": frames.name, "env": _env_info(device),
+              "oft": {"describe": oft.describe(), "num_images": n_images, "proprio": proprio is not None,
+                      "chunk": steps, "action_dim": spec.action_dim, "load_s": round(oft_load_s, 2),
+                      "chunk_ms": chunk_ms, "per_action_ms": round(per_action, 4),
+                      "stages_median_ms": {k: float(np.median(v)) for k, v in rec["oft-chunk"].items()}},
+              "openvla": {"describe": be.describe(), "load_s": round(plain_load_s, 2), "action_ms": plain_ms,
+                          "stages_median_ms": {k: float(np.median(v)) for k, v in rec["openvla-action"].items()}},
+              "ratios": {"openvla action / oft chunk": round(plain_ms["median_ms"] / chunk_ms["median_ms"], 3),
+                         "openvla action / oft per action": round(plain_ms["median_ms"] / per_action, 3)},
+              "timing_wall_s": round(wall, 2)}
+    oft.close()
+    plain.close()
+    return report
+
+
+def _load_oft_ttnn(args, mesh, tmp: Path):
+    """-> (OFT policy on the TT-NN mesh, weights dir, checkpoint, source description)."""
+    from .errors import ConfigError
+    from .oft import checkpoint_kind
+
+    if args.weights or args.size == "tiny":
+        from .checkpoint import Checkpoint
+        from .oft_policy import load_oft_policy
+
+        if args.weights:
+            wdir, source = Path(args.weights), f"checkpoint {args.weights}"
+            if checkpoint_kind(wdir) != "oft":
+                raise ConfigError(f"--oft: {wdir} is not an OpenVLA-OFT checkpoint (no action head or proprio "
+                                  "projector file beside the HF files)")
+        else:
+            from .oft_checkpoint import write_tiny_oft_checkpoint
+
+            wdir, source = write_tiny_oft_checkpoint(tmp / "tiny_oft", seed=0), "tiny random OFT checkpoint"
+        return load_oft_policy(wdir, backend="ttnn", mesh_device=mesh), wdir, Checkpoint(wdir), source
+    from .full_config import RandomCheckpoint, write_full_config
+
+    wdir = write_full_config(tmp / "full")
+    checkpoint, source = RandomCheckpoint(seed=0), "full size, random weights (OFT: random head and projector)"
+    return random_oft_policy(wdir, checkpoint, "cpu", "bfloat16", mesh_device=mesh), wdir, checkpoint, source
+
+
+def run_oft_ttnn(args, frames: FrameSource | None = None) -> dict:
+    """--oft --backend ttnn: real chunks on a Tenstorrent mesh (N300 | T3K), timed as the torch
+    path times them, then plain OpenVLA actions on the same mesh. The two models are timed one
+    after the other (not round-robin): each opens the whole mesh, and one mesh is opened at a
+    time. The OFT model is loaded first, so a missing card fails at once with the mesh's error
+    (no full-size torch model is built anywhere)."""
+    import torch
+
+    from .action_codec import ActionCodec
+    from .backends import create_backend
+    from .config import load_config
+    from .errors import BackendError
+    from .policy import OpenVLAPolicy
+    from .preprocess import Preprocessor
+    from .prompt import PromptTokenizer
+    from .synthetic import synthetic_rgb
+
+    mesh = getattr(args, "mesh_device", None) or os.environ.get("MESH_DEVICE")
+    tmp = Path(tempfile.mkdtemp(prefix="openvla_bench_"))
+    t = time.perf_counter()
+    try:
+        oft, wdir, checkpoint, source = _load_oft_ttnn(args, mesh, tmp)
+    except BackendError as e:
+        if "Tenstorrent" not in str(e):
+            raise
+        raise BackendError(f"{e}. --oft --backend ttnn times real chunks on a Tenstorrent card; without one, "
+                           "`--oft --backend ttnn --mesh-device N300|T3K --report ops` gives the modelled chunk "
+                           "(op graph counted on a mock mesh)") from e
+    oft_load_s = time.perf_counter() - t
+    config = load_config(wdir)
+    frames = frames or FrameSource()
+    spec = oft.spec
+    n_images = spec.num_images_in_input or 2
+    msgs = [frames.make(synthetic_rgb(j, FRAME_HEIGHT, FRAME_WIDTH)) for j in range(n_images)]
+    oft_key = sorted(oft.config.norm_stats)[0]
+    stats = oft.config.norm_stats[oft_key]
+    proprio = None
+    if oft.uses_proprio:
+        lo, hi = (np.asarray(stats["proprio"][q], np.float64) for q in ("q01", "q99"))
+        proprio = (lo + hi) / 2
+    instruction = INSTRUCTIONS[0]
+
+    def oft_once(_msg) -> dict:  # the chunk's read-back is the synchronisation (one read per chunk)
+        t0 = time.perf_counter()
+        chunk = oft.predict_chunk([frames.convert(m) for m in msgs[:n_images]], instruction, proprio=proprio,
+                                  unnorm_key=oft_key)
+        return {"total": (time.perf_counter() - t0) * 1e3,
+                **{k: v for k, v in chunk.timings_ms.items() if k != "total"}}
+
+    try:
+        for _ in range(WARMUP_RUNS):
+            oft_once(None)
+        t = time.perf_counter()
+        rec = time_interleaved([("oft-chunk", oft_once)], [None], args.runs)
+        wall = time.perf_counter() - t
+        oft_describe = oft.describe()
+    finally:
+        oft.close()
+    t = time.perf_counter()
+    be = create_backend("ttnn", config, checkpoint, mesh_device=mesh)
+    try:
+        plain_key = UNNORM_KEY if UNNORM_KEY in config.norm_stats else sorted(config.norm_stats)[0]
+        plain = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
+                              ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
+                                          n_bins=config.n_action_bins),
+                              Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
+                              default_unnorm_key=plain_key)
+        plain_load_s = time.perf_counter() - t
+
+        def plain_once(_msg) -> dict:
+            t0 = time.perf_counter()
+            r = plain.predict(frames.convert(msgs[0]), instruction)
+            return {"total": (time.perf_counter() - t0) * 1e3,
+                    **{k: v for k, v in r.timings_ms.items() if k != "total"}}
+
+        for _ in range(WARMUP_RUNS):
+            plain_once(None)
+        t = time.perf_counter()
+        rec.update(time_interleaved([("openvla-action", plain_once)], [None], args.runs))
+        wall += time.perf_counter() - t
+        plain_describe = be.describe()
+    finally:
+        be.close()
+    chunk_ms = summarise(rec["oft-chunk"]["total"])
+    plain_ms = summarise(rec["openvla-action"]["total"])
+    steps = spec.num_actions_chunk
+    per_action = chunk_ms["median_ms"] / steps
+    return {"tool": "openvla-bench", "mode": "oft", "backend": "ttnn", "mesh_device": mesh, "size": args.size,
+            "weights": source, "dtype": "ttnn profile", "runs": args.runs, "warmup_runs": WARMUP_RUNS,
+            "timing": "sequential (OFT chunks, then plain actions: one mesh open at a time)",
+            "instruction": instruction, "frame": f"{FRAME_WIDTH}x{FRAME_HEIGHT}", "image_conversion": frames.name,
+            "env": _env_info(torch.device("cpu")),
+            "oft": {"describe": oft_describe, "num_images": n_images, "proprio": proprio is not None,
+                    "chunk": steps, "action_dim": spec.action_dim, "load_s": round(oft_load_s, 2),
+                    "chunk_ms": chunk_ms, "per_action_ms": round(per_action, 4),
+                    "stages_median_ms": {k: float(np.median(v)) for k, v in rec["oft-chunk"].items()}},
+            "openvla": {"describe": plain_describe, "load_s": round(plain_load_s, 2), "action_ms": plain_ms,
+                        "stages_median_ms": {k: float(np.median(v)) for k, v in rec["openvla-action"].items()}},
+            "ratios": {"openvla action / oft chunk": round(plain_ms["median_ms"] / chunk_ms["median_ms"], 3),
+                       "openvla action / oft per action": round(plain_ms["median_ms"] / per_action, 3)},
+            "timing_wall_s": round(wall, 2)}
+
+
+def print_oft_report(report: dict) -> None:
+    env, o, p = report["env"], report["oft"], report["openvla"]
+    if report.get("backend") == "ttnn":
+        print(f"openvla-bench --oft --backend ttnn: {report['weights']}, on the {report['oft']['describe'].get('mesh', '')} "
+              f"mesh {report.get('mesh_device') or 'auto'}; timed {report['timing']}")
+    else:
+        print(f"openvla-bench --oft: {report['weights']}, {report['dtype']}, on {env['card']} (torch {env['torch']})")
+    print(f"OFT pass: {o['num_images']} image(s) {report['frame']}{' + proprio' if o['proprio'] else ''} -> chunk "
+          f"{o['chunk']} x {o['action_dim']} ({o['describe'].get('action_head')}, "
+          f"{o['describe'].get('path', 'reference')} path); plain OpenVLA: 1 image -> 7 "
+          f"tokens ({p['describe'].get('path', 'reference')}); {report['runs']} runs each, round-robin, after "
+          f"{report['warmup_runs']} warm-up runs")
+    c, a = o["chunk_ms"], p["action_ms"]
+    print(f"oft chunk:        median {c['median_ms']:.2f} ms, p95 {c['p95_ms']:.2f} ms  "
+          f"(stages: " + ", ".join(f"{k} {v:.2f}" for k, v in o["stages_median_ms"].items() if k != "total") + ")")
+    print(f"oft per action:   {o['per_action_ms']:.2f} ms (chunk / {o['chunk']}, the whole chunk executed)")
+    print(f"openvla action:   median {a['median_ms']:.2f} ms, p95 {a['p95_ms']:.2f} ms")
+    for k, v in report["ratios"].items():
+        print(f"ratio {k}: {v:.2f}x")
+
+
 def print_report(report: dict) -> None:
     env = report["env"]
     print(f"openvla-bench: backend {report['backend']}, {report['weights']}, {report['dtype']}, "
@@ -573,9 +1005,17 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
     p.add_argument("--weights", default=None, metavar="DIR", help="a real checkpoint directory (HF layout)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, metavar="N", help="timed runs per path")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON here")
-    p.add_argument("--draft", default="0,3,6", metavar="none|all|K[,K]",
+    p.add_argument("--draft", default=None, metavar="none|all|K[,K]",
                    help="speculative paths to time beside the plain one: drafts built so that K of 6 are "
                         "accepted (all = 6; default 0,3,6; none = plain path only)")
+    p.add_argument("--batch", default=None, metavar="B[,B]",
+                   help="instead of the stage table: B streams in one policy.predict_batch per batch size "
+                        "(e.g. 1,2,4,8): latency p50/p95 per action, aggregate actions/s, ratios to batch 1")
+    p.add_argument("--oft", action="store_true",
+                   help="instead of the stage table: one OpenVLA-OFT pass per action chunk (tiny OFT checkpoint, "
+                        "full size with random weights, or --weights OFT_DIR) beside plain OpenVLA per action; "
+                        "--backend ttnn: real chunks on a Tenstorrent mesh, or with --report ops the modelled "
+                        "chunk in the op report (mock mesh, no card)")
     p.add_argument("--mesh-device", default=os.environ.get("MESH_DEVICE"), metavar="N300|T3K",
                    help="TT-NN mesh (--backend ttnn; default $MESH_DEVICE)")
     p.add_argument("--report", default=None, choices=["ops"],
@@ -587,9 +1027,20 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
         print("error: --runs must be >= 1", file=sys.stderr)
         return 2
     try:
-        args.draft_ks = parse_draft(args.draft)
+        args.draft_ks = parse_draft(args.draft if args.draft is not None else "0,3,6")
+        args.batch_sizes = parse_batch(args.batch) if args.batch is not None else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    # --oft --report ops: the op report with its OpenVLA-OFT chunk section (one mode, not two)
+    modes = [m for m, on in (("--batch", args.batch is not None), ("--oft", args.oft and not args.report),
+                             ("--report ops", args.report)) if on]
+    if len(modes) > 1:
+        print(f"error: {' and '.join(modes)} are separate benchmarks: choose one", file=sys.stderr)
+        return 2
+    if modes and modes[0] != "--report ops" and args.draft is not None:
+        print(f"error: --draft times the stage table's speculative paths; it does not apply to {modes[0]}",
+              file=sys.stderr)
         return 2
     if args.report == "ops":
         if args.backend != "ttnn" or not args.mesh_device:
@@ -597,7 +1048,8 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
             return 2
         from .backends.ttnn.op_report import main as op_report_main
 
-        return op_report_main(["--mesh-device", args.mesh_device] + (["--json", args.json] if args.json else []))
+        return op_report_main(["--mesh-device", args.mesh_device] + (["--oft"] if args.oft else [])
+                              + (["--json", args.json] if args.json else []))
     try:
         import transformers
 
@@ -607,12 +1059,14 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
 
     from .errors import OpenVLAError
 
+    mode = (run_batch, print_batch_report) if args.batch_sizes else (run_oft, print_oft_report) if args.oft \
+        else (run, print_report)
     try:
-        report = run(args, frames)
+        report = mode[0](args, frames)
     except (OpenVLAError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print_report(report)
+    mode[1](report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
