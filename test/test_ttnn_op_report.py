@@ -214,3 +214,150 @@ def test_parse_graph_attributes_device_ops_and_transfers():
     weight = ops[0].inputs[1]
     assert weight[2] == 2 * 128 * 1088  # 8 x 2 tiles of bfloat8_b at 1088 B, not the graph's 1 B / element
     assert transfers == [("h2d", "decode", 1, 2048.0, True), ("d2h", "decode", 1, 4.0, False)]
+
+
+# ---- OpenVLA-OFT chunk (issue 15): the op report's --oft pass --------------------------------------------------
+# Independent expectations: the plain prefill's layer in the SAME capture (the OFT pass runs the same decoder
+# layers, bidirectional with a padding mask), the golden-emulated layer's ttnn calls, and weight bytes summed
+# from the LIBERO head / proprio-projector sizes and the N300 profile's dtypes (whole tiles), not from the graph.
+OFT_IMAGES, OFT_CHUNK, OFT_DIM, OFT_PROPRIO = 2, 8, 7, 8
+
+
+@pytest.fixture(scope="module")
+def n300_oft(tmp_path_factory):
+    """(summary, raw records) of the reduced-depth N300 report with the OFT chunk captured."""
+    import json
+
+    if _why is not None:
+        pytest.skip(f"mock TT-NN devices unavailable: {_why}")
+    from openvla_model.backends.ttnn.op_report import op_report
+
+    work = tmp_path_factory.mktemp("op_report_oft")
+    summary = op_report("N300", llm_layers=1, vision_depth=3, timeout_s=TIMEOUT_S, work=work, oft=True)
+    return summary, json.loads((work / "raw.json").read_text())
+
+
+def _layer_ops(raw, stage):
+    return [o for o in raw["ops"] if o["stage"] == stage and o["layer"] == 0]
+
+
+def _check_oft(summary, raw, golden_prefill_calls):
+    """The OFT stage counts against independent counts; AssertionError on the first mismatch."""
+    from openvla_model.backends.ttnn.op_report import action_model, oft_model
+
+    st, info = summary["stages"], summary["info"]["oft"]
+    s_pad = info["padded_length"]
+    assert (info["num_images"], info["chunk"], info["action_dim"]) == (OFT_IMAGES, OFT_CHUNK, OFT_DIM)
+    assert info["sequence_length"] == 1 + OFT_IMAGES * 256 + 1 + 21 + OFT_CHUNK * OFT_DIM + 1  # BOS, patches,
+    # proprio, prompt[1:], action rows, stop
+    # -- the bidirectional prefill's decoder layer = the plain prefill's layer + ONE op: the single-input
+    #    element-wise op ttnn's SDPA applies to the (1, 1, S, S) padding mask
+    plain, oft = _layer_ops(raw, "prefill"), _layer_ops(raw, "oft_prefill")
+    plain_names = [o["name"] for o in plain]
+    extra = [i for i in range(len(oft)) if [o["name"] for o in oft[:i] + oft[i + 1:]] == plain_names]
+    assert extra, ([o["name"] for o in oft], plain_names)
+    mask_op = oft[extra[0]]
+    assert [tuple(x[0]) for x in mask_op["inputs"]] == [(1, 1, s_pad, s_pad)], mask_op
+    assert summary["oft_prefill_ops_per_layer"] == len(plain) + 1 == summary["prefill_ops_per_layer"] + 1
+    assert summary["prefill_ops_per_layer"] == _device_ops(golden_prefill_calls)
+    coll = lambda ops: sum(any(w in o["name"] for w in ("AllGather", "ReduceScatter", "AllReduce")) for o in ops)  # noqa: E731
+    assert summary["oft_prefill_collectives_per_layer"] == coll(plain) == coll(oft)
+    # -- vision: the plain vision call once per image (ops, weights, collectives, one upload each)
+    assert st["oft_vision"].device_ops == OFT_IMAGES * st["vision"].device_ops
+    assert st["oft_vision"].weight_bytes == OFT_IMAGES * st["vision"].weight_bytes
+    assert st["oft_vision"].collectives == OFT_IMAGES * st["vision"].collectives
+    # -- weights per chip, from the sizes (N300: bf16 projector dtype, LayerNorm gains bf16, fc1 column-sharded)
+    dt = {"bfloat16": 2.0, "bfloat8_b": 1088 / 1024}[summary["info"]["profile"]["dtypes"]["projector"]]
+    bf16, h, n = 2.0, 4096, 2
+    t = _tile_bytes
+    head = (2 * t(1, OFT_DIM * h, bf16) + t(OFT_DIM * h, h // n, dt) + t(1, h // n, dt)
+            + 2 * (2 * t(1, h, bf16) + t(h, h, dt) + t(1, h, dt)) + 2 * t(1, h, bf16) + t(h, 32, dt) + t(1, 32, dt))
+    proprio = t(32, h, dt) + t(1, h, dt) + t(h, h, dt) + t(1, h, dt)
+    assert st["oft_head"].weight_bytes == head, (st["oft_head"].weight_bytes, head)
+    assert st["oft_proprio"].weight_bytes == proprio, (st["oft_proprio"].weight_bytes, proprio)
+    assert st["oft_projector"].weight_bytes == st["projector"].weight_bytes
+    inter = 11008
+    li = math.ceil(inter / (32 * n)) * 32 * n // n
+    per_layer = (t(h, 3 * h // n, bf16) + t(h // n, h, bf16) + 2 * t(h, li, 1088 / 1024) + t(li, h, 1088 / 1024)
+                 + 2 * t(1, h, bf16))
+    assert st["oft_prefill"].weight_bytes == 32 * per_layer + t(1, h, bf16)  # + the final norm; no LM head
+    assert st["oft_head"].collectives == 1  # fc1's all-gather
+    # -- host traffic of one chunk: each image's patches, the proprio, the prompt ids in; one read of the chunk
+    io = summary["oft_io"]
+    assert dict(io["by_stage"]) == {"h2d oft_vision": OFT_IMAGES, "h2d oft_proprio": 1, "h2d oft_prefill": 1,
+                                    "d2h oft_head": 1}, io
+    assert io["d2h_bytes"] == t(OFT_CHUNK, OFT_DIM, 4.0)  # one float32 tile: 8 rows x 7 (32) columns
+    # -- the model: chunk = its stages, per action = chunk / T, the plain action as the report's
+    m = oft_model(summary)
+    assert m["chunk_ms"] == pytest.approx(sum(st[s].modelled_us for s in (
+        "oft_vision", "oft_projector", "oft_proprio", "oft_prefill", "oft_head")) / 1e3, abs=0.01)
+    assert m["per_action_ms"] == pytest.approx(m["chunk_ms"] / OFT_CHUNK, abs=0.01)
+    assert m["plain_action_ms"] == pytest.approx(action_model(summary)["action_ms"], abs=0.1)
+
+
+@pytest.mark.slow
+def test_oft_chunk_counts_match_independent_counts(n300_oft, golden_layer_calls):
+    from openvla_model.backends.ttnn.op_report import format_report
+
+    summary, raw = n300_oft
+    _check_oft(summary, raw, golden_layer_calls["prefill"])
+    text = format_report(summary)
+    assert "OpenVLA-OFT chunk" in text and ">= 10 Hz control" in text
+    print("\n" + "\n".join(text.splitlines()[text.splitlines().index(next(
+        ln for ln in text.splitlines() if ln.startswith("OpenVLA-OFT chunk"))):]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["second image's vision not run", "one op less in the OFT prefill layer",
+                                   "causal prefill (no padding mask)", "chunk read twice"])
+def test_oft_chunk_check_fails_on_an_injected_fault(n300_oft, golden_layer_calls, fault):
+    """The same check on the captured records with one fault injected (re-summarised): it must fail."""
+    import copy
+
+    from openvla_model.backends.ttnn.op_report import summarise
+
+    _, raw = n300_oft
+    raw = copy.deepcopy(raw)
+    ops = raw["ops"]
+    if fault == "second image's vision not run":
+        vis = [i for i, o in enumerate(ops) if o["stage"] == "oft_vision"]
+        drop = set(vis[len(vis) // 2:])
+        raw["ops"] = [o for i, o in enumerate(ops) if i not in drop]
+    elif fault == "one op less in the OFT prefill layer":
+        i = next(i for i, o in enumerate(ops) if o["stage"] == "oft_prefill" and o["layer"] == 0
+                 and "Matmul" in o["name"])
+        del ops[i]
+    elif fault == "causal prefill (no padding mask)":
+        raw["ops"] = [o for o in ops if not (o["stage"] == "oft_prefill" and o["layer"] is not None and len(
+            o["inputs"]) == 1 and o["inputs"][0][0][-2:] == [raw["info"]["oft"]["padded_length"]] * 2)]
+    else:
+        raw["transfers"].append([x for x in raw["transfers"] if x[0] == "d2h" and x[1] == "oft_head"][0])
+    with pytest.raises(AssertionError):
+        _check_oft(summarise(raw), raw, golden_layer_calls["prefill"])
+
+
+def test_bench_oft_ttnn_report_ops_reaches_the_oft_report(monkeypatch):
+    """`openvla-bench --oft --backend ttnn --mesh-device N300 --report ops` runs the op report WITH its OFT pass."""
+    import openvla_model.backends.ttnn.op_report as rep
+    from openvla_model import bench
+
+    seen = []
+    monkeypatch.setattr(rep, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert bench.main(["--oft", "--backend", "ttnn", "--mesh-device", "N300", "--report", "ops"]) == 0
+    assert seen == [["--mesh-device", "N300", "--oft"]]
+
+
+@pytest.mark.slow
+def test_bench_oft_ttnn_without_a_card_says_so_in_one_line(capsys, monkeypatch):
+    """--oft --backend ttnn times real chunks on a card; without one: exit 2, one line naming --report ops."""
+    from pathlib import Path as _P
+
+    if _P("/dev/tenstorrent").exists():
+        pytest.skip("a Tenstorrent card is present: this checks the no-card message")
+    pytest.importorskip("ttnn", reason="the ttnn package is not installed")
+    from openvla_model import bench
+
+    monkeypatch.delenv("TT_METAL_MOCK_CLUSTER_DESC_PATH", raising=False)
+    assert bench.main(["--oft", "--backend", "ttnn", "--mesh-device", "N300", "--size", "tiny", "--runs", "1"]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "no Tenstorrent card found" in err[0] and "--report ops" in err[0], err

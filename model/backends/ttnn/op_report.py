@@ -1,7 +1,7 @@
 """TT-NN op and byte report: the backend's REAL op graph counted on a mock mesh, and a cost model.
 
     python -m openvla_model.backends.ttnn.op_report --mesh-device N300      # or T3K
-    (to be wired as `openvla-bench --backend ttnn --mesh-device N300 --report ops`)
+    (also `openvla-bench --backend ttnn --mesh-device N300 --report ops [--oft]`)
 
 What it does
 1. Opens a MOCK Wormhole mesh (N300 = 1x2, T3K = 1x8; test/ttnn_mock/: cluster descriptor +
@@ -32,6 +32,11 @@ Reduced depth: `--llm-layers L --vision-depth D` run L decoder layers and D-bloc
 full widths; per-layer and per-block counts are measured (every layer / block is delimited in
 the trace) and the full model is extrapolated EXPLICITLY: stage = fixed part + 32 x layer
 (+ 23 / 26 x block for DINOv2 / SigLIP); the report says "extrapolated" when it did so.
+
+OpenVLA-OFT (`--oft`, issue 15): capture_oft adds one chunk of TtnnOFTModel.run (LIBERO: 2 images,
+proprio, 8 x 7 action rows; the bidirectional prefill; the L1 head on the device) in its own stages
+oft_*, counted the same way, and the "OpenVLA-OFT chunk" section: modelled ms per chunk and per
+executed action (chunk / T) beside the plain action (oft_model). Not run by default.
 
 The cost model is arithmetic, not a measurement: see COST_MODEL and `calibration()`; a card's
 profiler replaces it. Nothing here is imported by the backend itself.
@@ -360,8 +365,10 @@ def write_config(out: Path, llm_layers: int, vision_depth: int | None) -> Path:
 
 
 def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int | None = None,
-            prompt_tokens: int = 22, decode_matmul: str | None = None, work: str | Path | None = None) -> dict:
-    """Run one generate() on the (mock) mesh under graph capture; returns the raw records."""
+            prompt_tokens: int = 22, decode_matmul: str | None = None, work: str | Path | None = None,
+            oft: bool = False) -> dict:
+    """Run one generate() on the (mock) mesh under graph capture; returns the raw records.
+    oft: also capture one OpenVLA-OFT chunk (capture_oft), its records appended (stages oft_*)."""
     import numpy as np
     import torch
     import ttnn
@@ -467,8 +474,114 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
         }
     finally:
         backend.close()
-    return {"info": info, "weights": registry, "kv": kv,
-            "ops": [o.__dict__ for o in ops], "transfers": transfers}
+    raw = {"info": info, "weights": registry, "kv": kv,
+           "ops": [o.__dict__ for o in ops], "transfers": transfers}
+    if oft:
+        o = capture_oft(mesh_name, config, prompt_tokens, decode_matmul)
+        info["oft"] = o["info"]
+        raw["weights"].update(o["weights"])
+        raw["kv"].update(o["kv"])
+        raw["ops"] += o["ops"]
+        raw["transfers"] += o["transfers"]
+    return raw
+
+
+# OpenVLA-OFT, LIBERO configuration (issue 15): primary + wrist image, 8 proprio values, 8 x 7 chunk
+OFT_LIBERO = {"num_images": 2, "proprio_dim": 8, "chunk": 8, "action_dim": 7}
+OFT_STAGES = ("oft_vision", "oft_projector", "oft_proprio", "oft_prefill", "oft_head")
+
+
+def capture_oft(mesh_name: str, config, prompt_tokens: int = 22, decode_matmul: str | None = None) -> dict:
+    """One OpenVLA-OFT chunk (TtnnOFTModel.run, the production code) on the mock mesh under graph
+    capture, LIBERO-shaped: 2 images, proprio, 8 x 7 action rows, the L1 head on the device. The
+    backbone weights are allocated as in capture(); the head's and proprio projector's (built on
+    the meta device) too, registered as weights "oft.head.*" / "oft.proprio.*". Steady state of the
+    timed path: the BOS row and the padding mask of this sequence length are cached before the
+    capture (the first chunk of a length uploads its mask once). Stages: oft_vision (per image),
+    oft_projector, oft_proprio, oft_prefill (everything else of the pass: sequence assembly, the
+    bidirectional prefill with its layers scoped, action-row slice + final norm), oft_head (the
+    head and the one read of the chunk)."""
+    import numpy as np
+    import torch
+    import ttnn
+
+    from ...action_codec import ActionCodec
+    from ...oft import BOUNDS_Q99, L1RegressionActionHead, OFTSpec, ProprioProjector
+    from . import oft as oft_mod
+    from .weights import round_up
+
+    lib = OFT_LIBERO
+    hidden = int(config.llm.hidden_size)
+    spec = OFTSpec(num_actions_chunk=lib["chunk"], action_dim=lib["action_dim"], proprio_dim=lib["proprio_dim"],
+                   normalization=BOUNDS_Q99, num_images_in_input=lib["num_images"], source="op report (LIBERO)")
+    with torch.device("meta"):
+        head = L1RegressionActionHead(hidden, hidden, spec.action_dim)
+        proj = ProprioProjector(spec.proprio_dim, hidden)
+    codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    registry: dict = {}
+    head_names = (["oft.head.ln1.w", "oft.head.ln1.b", "oft.head.fc1.w", "oft.head.fc1.b"]
+                  + [f"oft.head.block{i}.{k}" for i in range(len(head.model.mlp_resnet_blocks))
+                     for k in ("ln.w", "ln.b", "w", "b")]
+                  + ["oft.head.ln2.w", "oft.head.ln2.b", "oft.head.fc2.w", "oft.head.fc2.b"])
+    names = iter(head_names + [f"oft.proprio.{k}" for k in ("w1", "b1", "w2", "b2")])  # construction order
+    orig_put = oft_mod._Put.__call__
+
+    def put(self, t, dtype, shard_dim=None):  # allocate, do not convert (meta tensors: shapes only)
+        shape = [1] * (4 - t.dim()) + list(t.shape)
+        if shard_dim is not None:
+            shape[shard_dim] //= self.mesh.num_devices
+        out = ttnn.empty(shape, dtype, ttnn.TILE_LAYOUT, self.mesh.device, ttnn.DRAM_MEMORY_CONFIG)
+        registry[str(ttnn.get_device_tensors(out)[0].buffer_address())] = next(names, "oft.other")
+        return out
+
+    overrides = {"decode_matmul": decode_matmul} if decode_matmul else None
+    t0 = time.perf_counter()
+    oft_mod._Put.__call__ = put
+    try:
+        with allocate_instead_of_convert(registry):
+            model = oft_mod.TtnnOFTModel(config, MetaCheckpoint(), spec, head, proj, codec, mesh_device=mesh_name,
+                                         cache_dir=None, profile_overrides=overrides)
+    finally:
+        oft_mod._Put.__call__ = orig_put
+    load_s = time.perf_counter() - t0
+    try:
+        be, llm = model.backend, model.llm
+        fc1_sharded = bool(model.head.fc1_sharded)
+        kv = {}
+        for i, layer in enumerate(llm.layers):
+            for which in ("k_cache", "v_cache"):
+                kv[str(ttnn.get_device_tensors(getattr(layer.attention, which))[0].buffer_address())] = \
+                    f"oft.llm.{i}.{which}"
+            layer.prefill = _scoped(ttnn, f"layer={i}", layer.prefill)
+        be.vision = _scoped(ttnn, "stage=oft_vision", be.vision)
+        be.projector = _scoped(ttnn, "stage=oft_projector", be.projector)
+        model.proprio_projector = _scoped(ttnn, "stage=oft_proprio", model.proprio_projector)
+        model.head = _scoped(ttnn, "stage=oft_head", model.head)
+        model._chip0 = _scoped(ttnn, "stage=oft_head", model._chip0)
+        ids = np.array([1] + [100 + i for i in range(prompt_tokens - 2)] + [29871], np.int64)
+        layout = model.layout(ids.size, lib["num_images"], True)
+        seq = round_up(layout.length, 32)
+        model._bos_row(int(ids[0]))  # cached by the model after its first chunk
+        model._mask(layout.length, seq)
+        pixels = torch.zeros(lib["num_images"], 6, 224, 224)
+        run = _scoped(ttnn, "stage=oft_prefill", model.run)  # the default stage of the pass's other ops
+        ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+        try:
+            t1 = time.perf_counter()
+            out = run(pixels, ids, np.zeros(spec.proprio_dim, np.float32))
+            run_s = time.perf_counter() - t1
+        finally:
+            graph = ttnn.graph.end_graph_capture()
+        ops, transfers = parse_graph(graph)
+        info = {"num_images": lib["num_images"], "proprio_dim": spec.proprio_dim, "chunk": spec.num_actions_chunk,
+                "action_dim": spec.action_dim, "action_rows": spec.num_action_tokens, "prompt_tokens": prompt_tokens,
+                "sequence_length": layout.length, "padded_length": seq, "max_seq": llm.max_seq,
+                "llm_layers": len(llm.layers), "head_fc1_sharded": fc1_sharded,
+                "load_s": round(load_s, 1), "run_s": round(run_s, 1), "graph_nodes": len(graph),
+                "normalized_shape": list(np.asarray(out.normalized).shape)}
+    finally:
+        model.close()
+    return {"info": info, "weights": registry, "kv": kv, "ops": [o.__dict__ for o in ops], "transfers": transfers}
 
 
 def _full_blocks(tower_cfg, image_size: int) -> int:
@@ -494,7 +607,7 @@ def _role(weight_name: str | None, op_name: str) -> str:
         return "sdpa" if _is_sdpa(op_name) else "other"
     if weight_name.startswith(("featurizer", "fused_featurizer")):
         return "vision"
-    if weight_name.startswith("projector"):
+    if weight_name.startswith(("projector", "oft.")):  # the OFT head / proprio projector: its compute config
         return "projector"
     if weight_name == "llm.lm_head":
         return "lm_head"
@@ -563,8 +676,8 @@ def summarise(raw: dict) -> dict:
     # mean KV rows read over the 6 decode steps (positions L..L+5), as a fraction of the cache
     kv_fraction = sum(p + 1 for p in range(L, L + DECODE_STEPS)) / DECODE_STEPS / info["max_seq"]
 
-    stages = {s: StageCounts() for s in STAGES + ("draft_prefill",)}
-    lm = ("prefill", "decode", "draft_prefill")
+    stages = {s: StageCounts() for s in STAGES + ("draft_prefill",) + OFT_STAGES}
+    lm = ("prefill", "decode", "draft_prefill", "oft_prefill")
     per_layer = {s: Counter() for s in lm}  # layer -> ops
     per_layer_us = {s: Counter() for s in lm}
     per_layer_coll = {s: Counter() for s in lm}
@@ -603,8 +716,8 @@ def summarise(raw: dict) -> dict:
     action_io = {"h2d": 0, "h2d_bytes": 0.0, "d2h": 0, "d2h_bytes": 0.0, "by_stage": Counter(),
                  "inside_ops": 0, "outside_stages": 0}
     for kind, st, step, nbytes, internal in raw["transfers"]:
-        if st and st.startswith("draft_"):
-            pass  # the drafted action: its own accounting (draft_prefill below)
+        if st and st.startswith(("draft_", "oft_")):
+            pass  # the drafted action / the OFT chunk: their own accounting (their stages below)
         elif internal:
             action_io["inside_ops"] += 1
         elif st not in stages:
@@ -642,7 +755,7 @@ def summarise(raw: dict) -> dict:
                      f"one {stages['decode'].device_ops}: the speculative model assumes they are equal")
     layers_run = info["llm_layers"]
     scale = {}
-    for st in ("prefill", "decode"):
+    for st in ("prefill", "decode") + (("oft_prefill",) if "oft" in info else ()):
         counts = [per_layer[st][i] for i in range(layers_run)]
         if counts and len(set(counts)) != 1:
             notes.append(f"{st}: decoder layers differ in op count {counts}")
@@ -664,17 +777,20 @@ def summarise(raw: dict) -> dict:
                      "stage = measured + (32 - L) x mean measured layer")
     if info["vision_blocks"] != info["vision_blocks_full"]:
         blocks = _vision_block_costs(raw, weights, kv, fidelity, kv_fraction, n_dev)
-        c = stages["vision"]
-        for j, (run, full) in enumerate(zip(info["vision_blocks"], info["vision_blocks_full"])):
-            if run < 2:
-                notes.append(f"vision tower {j}: {run} block(s) run: need >= 2 to measure a whole block")
-                continue
-            ops_b, us_b, wb_b, parts_b = blocks[j]
-            c.device_ops += round((full - run) * ops_b)
-            c.modelled_us += (full - run) * us_b
-            c.weight_bytes += (full - run) * wb_b
-            for kind, us in parts_b.items():
-                c.time_parts[kind] += (full - run) * us
+        # the OFT pass runs the same vision call once per image: the same missing blocks per image
+        for st, times in (("vision", 1), ("oft_vision", (info.get("oft") or {}).get("num_images", 0))):
+            c = stages[st]
+            for j, (run, full) in enumerate(zip(info["vision_blocks"], info["vision_blocks_full"])):
+                if run < 2:
+                    if st == "vision":
+                        notes.append(f"vision tower {j}: {run} block(s) run: need >= 2 to measure a whole block")
+                    continue
+                ops_b, us_b, wb_b, parts_b = blocks[j]
+                c.device_ops += times * round((full - run) * ops_b)
+                c.modelled_us += times * (full - run) * us_b
+                c.weight_bytes += times * (full - run) * wb_b
+                for kind, us in parts_b.items():
+                    c.time_parts[kind] += times * (full - run) * us
         notes.append(f"vision measured with {info['vision_blocks']} blocks per tower and extrapolated to "
                      f"{info['vision_blocks_full']}: tower = measured + missing blocks x one measured whole block")
     decode_layer_ops = scale["decode"][0] if scale["decode"] else 0
@@ -684,7 +800,25 @@ def summarise(raw: dict) -> dict:
             "notes": notes, "kv_fraction": kv_fraction, "action_io": action_io,
             "draft_prefill_ops_per_layer": per_layer["draft_prefill"].get(0, 0),
             "draft_decode_step_ops": sum(draft_decode_ops.values()),
+            "oft_prefill_ops_per_layer": scale.get("oft_prefill", [0])[0] if scale.get("oft_prefill") else 0,
+            "oft_prefill_collectives_per_layer": per_layer_coll["oft_prefill"].get(0, 0),
+            "oft_io": _oft_io(raw["transfers"]),
             "syncs_per_action": sum(info["syncs"].values())}
+
+
+def _oft_io(transfers) -> dict:
+    """Host traffic of the OFT chunk (every oft_* stage), uploads inside device ops apart."""
+    io = {"h2d": 0, "h2d_bytes": 0.0, "d2h": 0, "d2h_bytes": 0.0, "by_stage": Counter(), "inside_ops": 0}
+    for kind, st, _step, nbytes, internal in transfers:
+        if not (st and st.startswith("oft_")):
+            continue
+        if internal:
+            io["inside_ops"] += 1
+            continue
+        io[kind] += 1
+        io[kind + "_bytes"] += nbytes
+        io["by_stage"][f"{kind} {st}"] += 1
+    return io
 
 
 def _vision_block_costs(raw, weights, kv, fidelity, kv_fraction, n_dev) -> list:
@@ -741,6 +875,72 @@ def draft_model(summary: dict) -> dict:
                      "actions_per_s": round(1e3 / total, 2), "ratio_vs_plain": round(total / plain["action_ms"], 3)})
     return {"plain_action_ms": round(plain["action_ms"], 1), "drafted_prefill_ms": round(drafted_prefill, 2),
             "plain_prefill_ms": round(ms["prefill"], 2), "rows": rows}
+
+
+def oft_model(summary: dict) -> dict:
+    """The OpenVLA-OFT chunk on the same cost model: chunk = its stages (vision x images, projector,
+    proprio projector, the bidirectional prefill, the head + the one read); per action = chunk / T
+    (the whole chunk executed); beside the plain OpenVLA action (vision + projector + prefill +
+    6 decode steps + tokens)."""
+    st, o = summary["stages"], summary["info"]["oft"]
+    ms = {s: st[s].modelled_us / 1e3 for s in OFT_STAGES}
+    chunk = sum(ms.values())
+    plain = action_model(summary)["action_ms"]
+    t = o["chunk"]
+    return {"stage_ms": {k: round(v, 3) for k, v in ms.items()}, "chunk_ms": round(chunk, 2),
+            "per_action_ms": round(chunk / t, 3), "chunks_per_s": round(1e3 / chunk, 2),
+            "actions_per_s": round(t * 1e3 / chunk, 1), "plain_action_ms": round(plain, 1),
+            "plain_actions_per_s": round(1e3 / plain, 2), "plain_action_over_chunk": round(plain / chunk, 2),
+            "plain_action_over_per_action": round(plain / (chunk / t), 1), "chunk": t,
+            "device_ops": sum(st[s].device_ops for s in OFT_STAGES),
+            "collectives": sum(st[s].collectives for s in OFT_STAGES),
+            "weight_bytes": sum(st[s].weight_bytes for s in OFT_STAGES)}
+
+
+def format_oft(summary: dict) -> list:
+    """The "OpenVLA-OFT chunk" section of the printed report."""
+    st, o, io = summary["stages"], summary["info"]["oft"], summary["oft_io"]
+    m = oft_model(summary)
+    lines = ["", f"OpenVLA-OFT chunk (LIBERO: {o['num_images']} images, proprio {o['proprio_dim']}, "
+             f"{o['chunk']} x {o['action_dim']} chunk = {o['action_rows']} action rows; sequence "
+             f"{o['sequence_length']} -> {o['padded_length']} rows, BIDIRECTIONAL prefill, L1 head on the device; "
+             f"one TtnnOFTModel.run captured, steady state: mask and BOS row cached), same cost model:",
+             "| stage | device ops | ops / decoder layer | collective launches | weights read / chip "
+             "| host->dev writes | dev->host reads | modelled ms |", "|---|---|---|---|---|---|---|---|"]
+    labels = {"oft_vision": f"vision (x {o['num_images']} images)", "oft_projector": "projector (all patches)",
+              "oft_proprio": "proprio projector",
+              "oft_prefill": "sequence + bidirectional prefill + action-row norm", "oft_head": "L1 head + one read"}
+    for s in OFT_STAGES:
+        c = st[s]
+        writes = f"{c.h2d} ({c.h2d_bytes / 1e3:.1f} kB)" + (f" + {c.op_internal_uploads} inside ops"
+                                                           if c.op_internal_uploads else "")
+        per_layer = summary["oft_prefill_ops_per_layer"] if s == "oft_prefill" else "-"
+        lines.append(f"| {labels[s]} | {c.device_ops} | {per_layer} | {c.collectives} | {_gb(c.weight_bytes):.3f} GB | "
+                     f"{writes} | {c.d2h} ({c.d2h_bytes:.0f} B) | {c.modelled_us / 1e3:.2f} |")
+    where = ", ".join(f"{n} {k}" for k, n in sorted(io["by_stage"].items()))
+    lines += [f"| chunk | {m['device_ops']} | | {m['collectives']} | {_gb(m['weight_bytes']):.3f} GB | {io['h2d']} | "
+              f"{io['d2h']} | {m['chunk_ms']:.1f} |",
+              f"host transfers per chunk: {io['h2d']} writes ({io['h2d_bytes'] / 1e3:.1f} kB), {io['d2h']} reads "
+              f"({io['d2h_bytes']:.0f} B) [{where}]",
+              f"OFT chunk: {m['chunk_ms']:.1f} ms -> {m['chunks_per_s']:.2f} chunks/s; per executed action (chunk / "
+              f"{m['chunk']}): {m['per_action_ms']:.2f} ms -> {m['actions_per_s']:.1f} actions/s (modelled)",
+              f"plain OpenVLA action (modelled above): {m['plain_action_ms']:.1f} ms -> {m['plain_actions_per_s']:.2f} "
+              f"actions/s; plain action / OFT chunk {m['plain_action_over_chunk']:.2f}x, plain action / OFT per "
+              f"action {m['plain_action_over_per_action']:.1f}x"]
+    goal = 10.0
+    if m["actions_per_s"] >= goal and 1e3 / m["chunk_ms"] >= goal:
+        verdict = (f">= {goal:.0f} Hz control: modelled within reach on {summary['info']['mesh']}, even replanning "
+                   f"every step (one chunk {m['chunk_ms']:.0f} ms <= 100 ms)")
+    elif m["actions_per_s"] >= goal:
+        verdict = (f">= {goal:.0f} Hz control: modelled within reach on {summary['info']['mesh']} when the chunk is "
+                   f"executed ({m['actions_per_s']:.0f} actions/s supplied at {m['chunk']} per chunk: a new chunk "
+                   f"after every k >= {math.ceil(goal * m['chunk_ms'] / 1e3)} executed steps keeps up with 100 ms "
+                   f"steps); NOT when replanning every step (one chunk {m['chunk_ms']:.0f} ms > 100 ms)")
+    else:
+        verdict = (f">= {goal:.0f} Hz control: NOT reached even executing whole chunks (modelled "
+                   f"{m['actions_per_s']:.1f} actions/s)")
+    lines.append(verdict)
+    return lines
 
 
 def levers(summary: dict) -> list:
@@ -874,6 +1074,8 @@ def format_report(summary: dict) -> str:
                          f"{r['ratio_vs_plain']:.3f}x |")
         lines.append(f"| plain (no draft) | {DECODE_STEPS} | {dm['plain_action_ms']} | "
                      f"{1e3 / dm['plain_action_ms']:.2f} | 1.000x |")
+    if "oft" in summary["info"]:
+        lines += format_oft(summary)
     for n in summary["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -889,6 +1091,11 @@ def to_json(summary: dict) -> dict:
     out["levers"] = levers(summary)
     if summary["stages"]["draft_prefill"].device_ops:
         out["speculative"] = draft_model(summary)
+    if "oft" in summary["info"]:
+        out["oft"] = oft_model(summary)
+        out["oft_io"] = {**summary["oft_io"], "by_stage": dict(summary["oft_io"]["by_stage"])}
+    else:
+        out.pop("oft_io", None)
     out["calibration"] = CALIBRATION
     return out
 
@@ -906,7 +1113,7 @@ def _mock_env_module():
 
 def op_report(mesh: str, *, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int | None = None,
               prompt_tokens: int = 22, decode_matmul: str | None = None, timeout_s: float = 1800,
-              work: str | Path | None = None) -> dict:
+              work: str | Path | None = None, oft: bool = False) -> dict:
     """The report as a dict (summary of the captured graph). Runs in this process when it is
     already on a mock cluster (TT_METAL_MOCK_CLUSTER_DESC_PATH), else in a subprocess with the
     mock environment of test/ttnn_mock (a private runtime root and JIT cache)."""
@@ -916,7 +1123,7 @@ def op_report(mesh: str, *, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
     if mesh not in MESHES:
         raise BackendError(f"op report: unknown mesh {mesh!r}; choose N300 or T3K")
     if os.environ.get("TT_METAL_MOCK_CLUSTER_DESC_PATH"):
-        raw = capture(mesh, llm_layers, vision_depth, prompt_tokens, decode_matmul, work)
+        raw = capture(mesh, llm_layers, vision_depth, prompt_tokens, decode_matmul, work, oft=oft)
         if work:
             (Path(work) / "raw.json").write_text(json.dumps(raw))
         return summarise(raw)
@@ -937,6 +1144,8 @@ def op_report(mesh: str, *, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
         cmd += ["--vision-depth", str(vision_depth)]
     if decode_matmul:
         cmd += ["--decode-matmul", decode_matmul]
+    if oft:
+        cmd += ["--oft"]
     try:
         proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
@@ -958,6 +1167,9 @@ def main(argv=None) -> int:
                    help="timm depth per tower (0: the real 24 / 27; >= 3 to extrapolate)")
     p.add_argument("--prompt-tokens", type=int, default=22)
     p.add_argument("--decode-matmul", choices=["interleaved", "dram_sharded"], default=None)
+    p.add_argument("--oft", action="store_true",
+                   help="also capture one OpenVLA-OFT chunk (LIBERO: 2 images, proprio, 8 x 7) and add the "
+                        "'OpenVLA-OFT chunk' section (modelled ms per chunk and per action beside OpenVLA)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--raw-out", default=None, help=argparse.SUPPRESS)  # subprocess: raw capture
@@ -975,12 +1187,12 @@ def main(argv=None) -> int:
     try:
         if args.raw_out:  # the subprocess half: capture on the mock mesh, write the raw records
             raw = capture(mesh, args.llm_layers, args.vision_depth or None, args.prompt_tokens, args.decode_matmul,
-                          args.work)
+                          args.work, oft=args.oft)
             Path(args.raw_out).write_text(json.dumps(raw))
             return 0
         summary = op_report(mesh, llm_layers=args.llm_layers, vision_depth=args.vision_depth or None,
                             prompt_tokens=args.prompt_tokens, decode_matmul=args.decode_matmul,
-                            timeout_s=args.timeout, work=args.work)
+                            timeout_s=args.timeout, work=args.work, oft=args.oft)
     except OpenVLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
