@@ -203,13 +203,23 @@ def test_golden_detects_the_interleaved_rope_layout(tiny_weights, tiny_policy, m
     assert pccs["decoder_layer0"] < 0.999, pccs
 
 
+# Prompt lengths (tiny checkpoint, 256 patches): L = 278, 279 (bucket S = 288), 289, 306
+# (S = 320), then 277 (S = 288 again): every prefill trace is replayed for another L than the
+# one it was captured for.
+TRACE_INSTRUCTIONS = INSTRUCTIONS + ("a b c d e f g h i j k l m n o p q r s t u v w x y z", "pick up the cup")
+
+
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_golden_one_trace_per_action_gives_torch_tokens_with_one_read(tiny_weights, tiny_policy, mesh):
-    """All decode steps of an action as ONE trace (TracingGoldenTTNN replays the recorded ops on
-    the captured tensors, and refuses host transfers while capturing): the first action runs the
-    steps op by op and captures them, the next actions replay the trace. Every action's 7 tokens
-    equal the torch backend's, and a replayed action's host traffic is the image, the prompt ids
-    and the decode start position in, the tokens out in ONE read."""
+    """All decode steps of an action as ONE trace, and the prefill as one trace per 32-row
+    bucket of the padded sequence length (TracingGoldenTTNN replays the recorded ops on the
+    captured tensors, and refuses host transfers while capturing): the first action of a bucket
+    runs its prefill op by op and captures it, later actions of that bucket replay it with
+    another prompt length L (the ids and the last row's index come from device tensors written
+    before the replay); the first action captures the decode steps, the next ones replay them.
+    Every action's 7 tokens equal the torch backend's, and a replayed action's host traffic is
+    the image, the prompt ids, the LM-head row index and the decode start position in, the
+    tokens out in ONE read."""
     from ttnn_golden.trace import TracingGoldenTTNN
 
     from openvla_model.backends.ttnn.backend import TtnnBackend
@@ -218,24 +228,41 @@ def test_golden_one_trace_per_action_gives_torch_tokens_with_one_read(tiny_weigh
     emu = TracingGoldenTTNN(MESHES[mesh])
     be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device=mesh, tt=emu, cache_dir=None,
                      trace=True)
+    buckets: set = set()
+    lengths = []
     try:
-        for i, instruction in enumerate(INSTRUCTIONS):
+        for i, instruction in enumerate(TRACE_INSTRUCTIONS):
             px = tiny_policy.preprocessor(_rgb(20 + i))
             ids = tiny_policy.prompt_ids(instruction)
+            length = ids.size + 256
+            seq = -(-length // 32) * 32
+            lengths.append((length, seq))
             want, _ = tiny_policy.backend.generate(px, ids, 7)
-            before = dict(emu.host_io)
+            before, n_replayed = dict(emu.host_io), len(emu.replayed)
             got, _ = be.generate(px, ids, 7)
             assert got.tolist() == want.tolist(), f"{mesh} action {i}: ttnn {got.tolist()} vs torch {want.tolist()}"
-            # two traces: the vision stage's and the decode steps'; each replayed once per later action
-            assert len(emu.traces) == 2 and emu.replays == 2 * i, (emu.traces.keys(), emu.replays)
-            if i:  # a replayed action: the patches (one upload, vision traced too) + BOS + the other ids
-                # + 2 position writes; 1 read
+            prefill_replayed = seq in buckets
+            buckets.add(seq)
+            # the vision trace, the decode trace and one prefill trace per bucket seen
+            assert set(be._prefill_traces) == {(s, 1) for s in buckets}, (i, be._prefill_traces.keys())
+            assert len(emu.traces) == 2 + len(buckets), (i, emu.traces.keys())
+            kinds = {tid: "prefill" for tid, _ in be._prefill_traces.values()}
+            kinds.update({tid: "decode" for tid, _ in be._traces.values()})
+            replayed = sorted(kinds.get(t, "vision") for t in emu.replayed[n_replayed:])
+            want_replayed = ([] if not i else ["decode", "vision"]) + (["prefill"] if prefill_replayed else [])
+            assert replayed == sorted(want_replayed), (i, lengths[-1], replayed)
+            if i:  # the patches (one upload, vision traced too) + the ids (one upload) + the LM-head
+                # row index + 2 position writes; 1 read (prefill replayed or run op by op alike)
                 io = {k: emu.host_io[k] - before[k] for k in before}
                 assert io == {"write": 5, "read": 1}, io
-        decode_trace = [t for t in emu.traces.values() if any(name == "argmax" for name, *_ in t)]
+        assert [s for _, s in lengths] == [288, 288, 320, 320, 288], lengths  # the plan above holds
+        decode_trace = [emu.traces[tid] for tid, _ in be._traces.values()]
         assert len(decode_trace) == 1
         ops = [name for name, *_ in decode_trace[0]]
         assert ops.count("argmax") == 6 and ops.count("plus_one") == 12 and ops[-1] == "concat", ops[-3:]
+        for tid, _ in be._prefill_traces.values():
+            ops = [name for name, *_ in emu.traces[tid]]
+            assert ops.count("argmax") == 1 and ops.count("fill_cache") >= 2 and ops[-1] == "argmax", ops[-3:]
     finally:
         be.close()
     assert not emu.traces  # released on close

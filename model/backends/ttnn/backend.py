@@ -72,6 +72,8 @@ class TtnnBackend:
         self.mesh = None
         self._dead: str | None = None
         self._traces: dict = {}  # decode steps -> (trace id, tokens tensor): 6 plain, 6-k after k drafts
+        self._prefill_traces: dict = {}  # (padded length S, LM-head rows) -> (trace id, argmax output tensor)
+        self._prefill_pending = None  # (S, rows, num_tokens): the prefill just run op by op, to capture
         self.last_accepted = 0  # drafts accepted by the last generate()
         self.last_decode_steps = 0  # decode steps the last generate() ran (num_tokens-1-accepted)
         self.profile_stages = False  # True: synchronise after each stage (per-stage timings)
@@ -185,9 +187,8 @@ class TtnnBackend:
                           drafts.size, length, llm.max_seq)
                 drafts = None
             if drafts is None:
-                x, length = llm.embed_sequence(ids, projected, num_tokens)
                 llm.set_decode_start(length)
-                llm.prefill_token(llm.prefill(x, length), num_tokens)
+                self._prefill(ids, projected, num_tokens, None)
                 known, accepted = [], 0
             else:
                 known, accepted = self._verify_drafts(ids, projected, num_tokens, drafts)
@@ -203,6 +204,8 @@ class TtnnBackend:
                                        f"{known[-1]}")
                 tokens = known[:-1] + rest
             t4 = clock()
+            if self._prefill_pending is not None:
+                self._capture_prefill_trace(*self._prefill_pending)
             if self.trace and steps > 0 and steps not in self._traces:
                 self._capture_decode_trace(steps, length + accepted)
         except OpenVLAError:
@@ -220,14 +223,52 @@ class TtnnBackend:
         action. Unless the action is complete, the decode steps are then set to start at
         position L+k from token p_k (3 writes of 4 bytes: the device is idle after the read)."""
         llm = self.llm
-        rows = drafts.size + 1
-        x, length = llm.embed_sequence(ids, projected, num_tokens, draft=drafts)
-        predicted = llm.read_tokens(llm.draft_predictions(llm.prefill(x, length, rows=rows), rows))
+        out, length = self._prefill(ids, projected, num_tokens, drafts)
+        predicted = llm.read_tokens(out)
         accepted = int(accepted_length(drafts, np.asarray(predicted, np.int64)))
         if accepted < num_tokens - 1:
             llm.set_start_token(predicted[accepted])
             llm.set_decode_start(length + accepted)
         return predicted[:accepted + 1], accepted
+
+    def _prefill(self, ids: np.ndarray, projected, num_tokens: int, drafts):
+        """The prefill of [BOS, patches, ids[1:], drafts]: its inputs written into their fixed
+        device tensors (llm.write_prefill_inputs: the ids, the LM-head row indices, the patches
+        copied on the device), then the trace captured for this (padded length S, rows) replayed
+        when there is one, else the same graph op by op (the warm-up; generate() captures it
+        after the action). rows = 1 (plain) or m+1 (m drafts). Returns (the argmax output
+        tensor: token_bufs[0], or the draft predictions, L)."""
+        llm = self.llm
+        rows = 1 if drafts is None else drafts.size + 1
+        self._prefill_pending = None
+        if not self.trace:
+            x, length = llm.embed_sequence(ids, projected, num_tokens, draft=drafts)
+            return llm.prefill_argmax(llm.prefill(x, rows), rows, num_tokens), length
+        seq, length = llm.write_prefill_inputs(ids, projected, num_tokens, drafts)
+        traced = self._prefill_traces.get((seq, rows))
+        if traced is None:
+            self._prefill_pending = (seq, rows, num_tokens)
+            return llm.prefill_graph(seq, rows, num_tokens), length
+        tid, out = traced
+        self.tt.execute_trace(self.mesh.device, tid, cq_id=0, blocking=False)
+        return out, length
+
+    def _capture_prefill_trace(self, seq: int, rows: int, num_tokens: int):
+        """After its warm-up (the same prefill_graph run op by op by this action), record the
+        prefill of padded length `seq` with `rows` LM-head rows as one trace. It reads only the
+        fixed input tensors of write_prefill_inputs (ids per S, row indices per rows, patch_buf)
+        and writes the KV caches and the argmax buffer, so it serves every prompt length L of the
+        bucket. One trace per (S, rows): at most max_seq_len/32 buckets x (1 + drafted row counts)."""
+        tt, dev = self.tt, self.mesh.device
+        self._prefill_pending = None
+        self.llm.ccl.reset()  # the trace records the semaphores of its collectives (as the decode trace)
+        tid = tt.begin_trace_capture(dev, cq_id=0)
+        try:
+            out = self.llm.prefill_graph(seq, rows, num_tokens)
+        finally:
+            tt.end_trace_capture(dev, tid, cq_id=0)
+        self._prefill_traces[(seq, rows)] = (tid, out)
+        log.info("prefill of %d rows (%d LM-head rows) captured as trace %s", seq, rows, tid)
 
     def _decode(self, steps: int):
         """`steps` decode steps from token_bufs[0] at the position in step_pos: the trace captured
@@ -269,7 +310,7 @@ class TtnnBackend:
         projected = self.projector(feats)
         x, length = self.llm.embed_sequence(input_ids, projected, 1)
         layer0 = self._replicated_to_torch(self.llm.prefill_layers(x, 1))[..., :length, :]
-        logits = self.llm.prefill(x, length)
+        logits = self.llm.prefill(x)
         return {"dinov2": towers[0], "siglip": towers[1],
                 "vision": torch.cat(towers, -1), "projector": self._replicated_to_torch(projected),
                 "decoder_layer0": layer0, "prefill_logits": self.llm.logits_to_torch(logits)}
@@ -277,14 +318,14 @@ class TtnnBackend:
     def close(self):
         if self.mesh is None:
             return
-        for tid, _ in self._traces.values():
+        for tid, _ in [*self._traces.values(), *self._prefill_traces.values()]:
             if self.mesh.device is None:
                 break
             try:
                 self.tt.release_trace(self.mesh.device, tid)
             except Exception as e:
-                log.warning("releasing the decode trace failed: %s", e)
-        self._traces = {}
+                log.warning("releasing a decode / prefill trace failed: %s", e)
+        self._traces, self._prefill_traces = {}, {}
         try:
             if getattr(self, "vision", None) is not None:
                 self.vision.release()

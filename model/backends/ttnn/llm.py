@@ -12,9 +12,15 @@ writes its argmax into `token_bufs[k + 1]` and advances both position tensors on
 same `decode_steps` runs untraced (emulator, mock devices, warm-up) and is what the backend
 captures as ONE trace per action: the trace reads and writes only those fixed device tensors.
 
+Prefill inputs (`write_prefill_inputs`): the ids (one uint32 upload per padded length S), the
+LM-head row indices L-1..L-1+m (one upload per row count) and the projected patches (copied on
+the device into `patch_buf`) live in fixed device tensors; `prefill_graph(S, rows)` reads only
+those (the rows are picked by an embedding lookup of the row indices, not a slice at L), so the
+backend captures it as one trace per (S, rows) that serves every prompt length of the bucket.
+
 Draft rows (speculative action decoding, model/speculative.py): `embed_sequence(..., draft=d)`
 puts the m draft ids right after the prompt, at positions L..L+m-1 (inside the 32-row padding of
-the prefill when L+m stays in L's bucket, else one bucket more); `prefill(x, L, rows=m+1)` runs
+the prefill when L+m stays in L's bucket, else one bucket more); `prefill(x, rows=m+1)` runs
 the LM head on rows L-1..L-1+m and `draft_predictions` writes their argmax (on the device) into a
 preallocated (1, 1, m+1) uint32 tensor, read back ONCE by the backend, which verifies the drafts.
 The remaining decode steps start at L+k from `set_start_token` + `set_decode_start`; the KV rows
@@ -90,6 +96,13 @@ class LLM:
         self._token_buffers(ACTION_TOKENS)
         self._pred_bufs: dict = {}  # draft rows + 1 -> (1, 1, rows) uint32: the prefill's argmax per row
         self._pred_buffer(ACTION_TOKENS)  # an action's 6 drafts: allocated with the model, not in an action
+        # Prefill inputs (written before the prefill runs or a trace of it replays; the prefill
+        # reads only these): the ids per padded length S (1, S - patches) uint32 [BOS, ids[1:],
+        # drafts, 0...]; the rows the LM head runs on, per row count (1, rows) uint32 [L-1, ...];
+        # the projected patches (1, 1, patches, hidden), copied in on the device.
+        self._ids_bufs: dict = {}
+        self._row_bufs: dict = {}
+        self.patch_buf = None
 
     def _token_buffers(self, count: int) -> list:
         while len(self.token_bufs) < count:
@@ -129,21 +142,49 @@ class LLM:
 
     # ---- the multimodal sequence -------------------------------------------------------------
     def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None):
-        """[emb(BOS), patches, emb(ids[1:]), emb(draft)] -> ((1, 1, S, hidden) tiles, L). The m
-        draft ids (None: none) sit at positions L..L+m-1, uploaded with the prompt ids (no extra
-        write). Rows past them hold embeddings of token 0: causal attention keeps them out of
-        every real row, and the KV rows they write are overwritten by decode before they could
-        be read."""
+        """[emb(BOS), patches, emb(ids[1:]), emb(draft)] -> ((1, 1, S, hidden) tiles, L):
+        write_prefill_inputs, then embed_inputs (S = L + m rounded up to a tile row)."""
+        seq, length = self.write_prefill_inputs(input_ids, projected, num_tokens, draft)
+        return self.embed_inputs(seq), length
+
+    def write_prefill_inputs(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None):
+        """Everything the prefill of this prompt reads, into its fixed device tensors (what a
+        replay of the prefill trace for this (S, rows) reads): the ids in ONE upload
+        ([BOS, ids[1:], draft, 0...], S - patches ids), the LM-head rows L-1..L-1+m in one
+        (1, m+1) upload, and the projected patches copied (one device op) into patch_buf.
+        Returns (S, L). The m draft ids (None: none) sit at positions L..L+m-1. Rows past them
+        hold embeddings of token 0: causal attention keeps them out of every real row, and the
+        KV rows they write are overwritten by decode before they could be read."""
         tt = self.tt
         ids = np.asarray(input_ids, np.int64).reshape(-1)
         draft = np.zeros(0, np.int64) if draft is None else np.asarray(draft, np.int64).reshape(-1)
         num_patches = projected.shape[2]
         length = self.sequence_length(ids.size, num_patches)
         seq = self.check_fits(length, num_tokens, draft.size)
-        rest = np.concatenate([ids[1:], draft, np.zeros(seq - length - draft.size, np.int64)])
-        parts = [self._embed(ids[:1]), tt.to_layout(projected, tt.ROW_MAJOR_LAYOUT), self._embed(rest)]
-        x = tt.concat(parts, dim=2)
-        return tt.to_layout(x, tt.TILE_LAYOUT), length
+        rep = tt.ReplicateTensorToMesh(self.mesh.device)
+        tokens = np.concatenate([ids, draft, np.zeros(seq - length - draft.size, np.int64)]).reshape(1, -1)
+        rows = np.arange(length - 1, length + draft.size, dtype=np.int64).reshape(1, -1)
+        for bufs, key, host in ((self._ids_bufs, seq, tokens), (self._row_bufs, rows.size, rows)):
+            if key in bufs:
+                tt.copy_host_to_device_tensor(self._host_ids(host, rep), bufs[key])
+            else:  # first use (an op-by-op run, before any trace reads it): allocated by this upload
+                bufs[key] = self._host_ids(host, rep, device=True)
+        if self.patch_buf is None:
+            self.patch_buf = tt.clone(projected)
+        else:
+            tt.copy(projected, self.patch_buf)
+        return seq, length
+
+    def embed_inputs(self, seq: int):
+        """The (1, 1, S, hidden) tiled sequence from the ids and patch buffers (device ops only)."""
+        tt = self.tt
+        ids = self._ids_bufs[seq]
+        n = ids.shape[-1]
+        e = tt.reshape(tt.embedding(ids, self.embedding, layout=tt.ROW_MAJOR_LAYOUT), (1, 1, n, self.hidden))
+        bos = tt.slice(e, [0, 0, 0, 0], [1, 1, 1, self.hidden])
+        rest = tt.slice(e, [0, 0, 1, 0], [1, 1, n, self.hidden])
+        x = tt.concat([bos, tt.to_layout(self.patch_buf, tt.ROW_MAJOR_LAYOUT), rest], dim=2)
+        return tt.to_layout(x, tt.TILE_LAYOUT)
 
     # ---- prefill / decode ----------------------------------------------------------------------
     def _head(self, x_row):
@@ -163,14 +204,31 @@ class LLM:
             x = layer.prefill(x, seq, cos, sin, causal, attn_mask)
         return x
 
-    def prefill(self, x, length: int, rows: int = 1):
+    def prefill(self, x, rows: int = 1):
         """(1, 1, S, hidden) -> this chip's vocab slice of the logits at positions L-1..L-2+rows,
         (1, 1, rows, V/N): the last prompt position, and with draft rows each draft's position.
+        The rows are picked by an embedding lookup of the row indices written by
+        write_prefill_inputs (a device tensor, so one trace serves every L of a 32-row bucket).
         Up to 32 rows are one tile row: the LM head's one-row (decode) matmul reads its weights
         once either way."""
+        tt = self.tt
         x = self.prefill_layers(x)
-        last = self.tt.slice(x, [0, 0, length - 1, 0], [1, 1, length - 1 + rows, self.hidden])
-        return self._head(last)
+        table = tt.reshape(tt.to_layout(x, tt.ROW_MAJOR_LAYOUT), (x.shape[2], self.hidden))
+        last = tt.embedding(self._row_bufs[rows], table, layout=tt.TILE_LAYOUT)
+        return self._head(tt.reshape(last, (1, 1, rows, self.hidden)))
+
+    def prefill_graph(self, seq: int, rows: int, num_tokens: int):
+        """The whole prefill from its input buffers (write_prefill_inputs): embedding, decoder
+        layers, norm + LM head on the `rows` rows, argmax into token_bufs[0] (rows 1) or the
+        draft prediction buffer. Device ops only: THE function the backend captures as one
+        trace per (S, rows). Returns the argmax's (fixed) output tensor."""
+        return self.prefill_argmax(self.prefill(self.embed_inputs(seq), rows), rows, num_tokens)
+
+    def prefill_argmax(self, logits, rows: int, num_tokens: int):
+        """Token 1 into token_bufs[0] (rows 1), or the m+1 draft predictions (rows m+1)."""
+        if rows == 1:
+            return self.prefill_token(logits, num_tokens)
+        return self.draft_predictions(logits, rows)
 
     def decode_step(self, token=None):
         """One token at the position in self.step_pos: reads only device tensors (`token`, a
