@@ -293,16 +293,8 @@ class ChunkStream(Stream):
         cfg, node, prep = self.cfg, self.node, inf.prepared.prep
         msg = self.chunk_msg(inf)
         with node._out_lock:
-            if not node._active:
-                return
-            if self.instruction is None or self.instruction.generation != prep.instruction.generation:
-                self.reject("rejected_stale_instruction",
-                            "chunk dropped: the instruction changed or was cleared during inference")
-                return
-            now_ns = self._now_ns()
-            reason = image_too_old(prep.frame.stamp_ns, now_ns, cfg.max_image_age_s)
-            if reason:
-                self.reject("rejected_stale_image", f"chunk dropped before publishing: {reason}")
+            now_ns = self.still_current(prep.instruction, prep.frame.stamp_ns, "chunk")
+            if now_ns is None:
                 return
             msg.latency_ms = (now_ns - prep.frame.stamp_ns) * 1e-6
             self.pub_chunk.publish(msg)

@@ -437,6 +437,23 @@ class Stream:
         msg.sequence = inf.sequence
         return msg
 
+    def still_current(self, instruction, stamp_ns: int, what: str) -> int | None:
+        """Under the output lock, before a result is published: None (counted and warned as a
+        rejection) when the node is inactive, the instruction changed or was cleared during
+        inference, or the frame aged past max_image_age_s meanwhile; else the time now (ns)."""
+        if not self.node._active:
+            return None
+        if self.instruction is None or self.instruction.generation != instruction.generation:
+            self.reject("rejected_stale_instruction",
+                        f"{what} dropped: the instruction changed or was cleared during inference")
+            return None
+        now_ns = self._now_ns()
+        reason = image_too_old(stamp_ns, now_ns, self.cfg.max_image_age_s)
+        if reason:
+            self.reject("rejected_stale_image", f"{what} dropped before publishing: {reason}")
+            return None
+        return now_ns
+
     def publish(self, inf: Inference) -> None:
         """Under the output lock: drop the result when deactivated, when the instruction changed
         during inference or when the frame aged past max_image_age_s meanwhile; else publish it on
@@ -444,16 +461,8 @@ class Stream:
         cfg, node = self.cfg, self.node
         msg = self.action_msg(inf)
         with node._out_lock:
-            if not node._active:
-                return
-            if self.instruction is None or self.instruction.generation != inf.instruction.generation:
-                self.reject("rejected_stale_instruction",
-                            "result dropped: the instruction changed or was cleared during inference")
-                return
-            now_ns = self._now_ns()
-            reason = image_too_old(inf.frame.stamp_ns, now_ns, cfg.max_image_age_s)
-            if reason:
-                self.reject("rejected_stale_image", f"result dropped before publishing: {reason}")
+            now_ns = self.still_current(inf.instruction, inf.frame.stamp_ns, "result")
+            if now_ns is None:
                 return
             msg.latency_ms = (now_ns - inf.frame.stamp_ns) * 1e-6
             if self.enabled:
