@@ -17,11 +17,10 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
-from openvla_ros.launch_support import node_command
+from openvla_ros.launch_support import node_command, node_parameters
 
 # Works from the source tree and from share/openvla_ros/launch (config/ sits beside launch/).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
-MESH_PROFILES = ("N300", "T3K")
 
 ARGUMENTS = [
     ("mesh_device", "auto", "TT-NN mesh: N300 | T3K | auto ($MESH_DEVICE); selects config/mesh/<mesh>.yaml"),
@@ -42,27 +41,11 @@ ARGUMENTS = [
 ]
 
 
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
-
-
 def _make_node(context, *args, **kwargs):
     def arg(name):
         return LaunchConfiguration(name).perform(context).strip()
 
-    mesh = arg("mesh_device")
-    resolved_mesh = os.environ.get("MESH_DEVICE", "auto") if mesh == "auto" else mesh
-    parameters = [arg("params_file")]
-    overrides = {"start_enabled": _truthy(arg("start_enabled")), "use_sim_time": _truthy(arg("use_sim_time"))}
-    if resolved_mesh in MESH_PROFILES:
-        # the per-mesh file sets mesh_device itself (so /diagnostics shows the file was loaded)
-        parameters.append(os.path.join(CONFIG_DIR, "mesh", f"{resolved_mesh}.yaml"))
-    else:
-        overrides["mesh_device"] = mesh
-    for name in ("weights_path", "backend", "device", "unnorm_key", "image_transport"):
-        if arg(name):
-            overrides[name] = arg(name)
-    parameters.append(overrides)
+    parameters = node_parameters(arg, CONFIG_DIR)
     image_topic = arg("image_topic")
     return [Node(
         **node_command("openvla_ros.node", "openvla_node"),

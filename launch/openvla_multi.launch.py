@@ -19,11 +19,10 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import EnvironmentVariable, LaunchConfiguration
 from launch_ros.actions import Node
 
-from openvla_ros.launch_support import node_command
+from openvla_ros.launch_support import node_command, node_parameters
 
 # Works from the source tree and from share/openvla_ros/launch (config/ sits beside launch/).
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
-MESH_PROFILES = ("N300", "T3K")
 
 ARGUMENTS = [
     ("streams", "[left, right]", "stream names, a YAML list: each gets <stream>/image, <stream>/action, ..."),
@@ -44,10 +43,6 @@ ARGUMENTS = [
     ("use_sim_time", "false", "use /clock (bag replay, simulation)"),
     ("log_level", "info", "debug | info | warn | error"),
 ]
-
-
-def _truthy(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _names(text: str, what: str) -> list[str]:
@@ -76,21 +71,10 @@ def _make_node(context, *args, **kwargs):
         raise ValueError("streams must name at least one stream (for one camera use openvla.launch.py)")
     image_topics = _per_stream(arg("image_topics"), streams, "image_topics", "image")
     instruction_topics = _per_stream(arg("instruction_topics"), streams, "instruction_topics", "instruction")
-    mesh = arg("mesh_device")
-    resolved_mesh = os.environ.get("MESH_DEVICE", "auto") if mesh == "auto" else mesh
-    parameters = [arg("params_file")]
-    overrides = {"streams": streams, "start_enabled": _truthy(arg("start_enabled")),
-                 "use_sim_time": _truthy(arg("use_sim_time"))}
-    if resolved_mesh in MESH_PROFILES:
-        parameters.append(os.path.join(CONFIG_DIR, "mesh", f"{resolved_mesh}.yaml"))
-    else:
-        overrides["mesh_device"] = mesh
-    for name in ("weights_path", "backend", "device", "unnorm_key", "image_transport"):
-        if arg(name):
-            overrides[name] = arg(name)
+    overrides = {"streams": streams}
     if arg("max_batch_wait_ms"):
         overrides["max_batch_wait_ms"] = float(arg("max_batch_wait_ms"))
-    parameters.append(overrides)
+    parameters = node_parameters(arg, CONFIG_DIR, **overrides)
     remappings = []
     for stream, image, instruction in zip(streams, image_topics, instruction_topics):
         remappings += [(f"{stream}/image", image), (f"{stream}/image/compressed", f"{image}/compressed"),

@@ -689,6 +689,23 @@ def random_oft_policy(config_dir, checkpoint, device, dtype: str, seed: int = 0,
     return OFTPolicy(config, spec, model, PromptTokenizer(config_dir), pre, "random (LIBERO-shaped statistics)")
 
 
+def _oft_checkpoint_dir(args, tmp: Path):
+    """--oft with --weights (must be an OpenVLA-OFT checkpoint) or --size tiny (a tiny random OFT
+    checkpoint written under tmp) -> (weights dir, source description)."""
+    from .errors import ConfigError
+    from .oft import checkpoint_kind
+
+    if args.weights:
+        wdir = Path(args.weights)
+        if checkpoint_kind(wdir) != "oft":
+            raise ConfigError(f"--oft: {wdir} is not an OpenVLA-OFT checkpoint (no action head or proprio "
+                              "projector file beside the HF files)")
+        return wdir, f"checkpoint {args.weights}"
+    from .oft_checkpoint import write_tiny_oft_checkpoint
+
+    return write_tiny_oft_checkpoint(tmp / "tiny_oft", seed=0), "tiny random OFT checkpoint"
+
+
 def run_oft(args, frames: FrameSource | None = None) -> dict:
     """Time one OFT pass (a whole chunk) and one plain OpenVLA action on the same backbone and
     frames: per chunk, per action (chunk / T), and the ratio to plain OpenVLA per action."""
@@ -699,8 +716,6 @@ def run_oft(args, frames: FrameSource | None = None) -> dict:
     from .backends.torch_backend import resolve_device
     from .checkpoint import Checkpoint
     from .config import load_config
-    from .errors import ConfigError
-    from .oft import checkpoint_kind
     from .policy import OpenVLAPolicy
     from .preprocess import Preprocessor
     from .prompt import PromptTokenizer
@@ -713,15 +728,7 @@ def run_oft(args, frames: FrameSource | None = None) -> dict:
     if args.weights or args.size == "tiny":
         from .oft_policy import load_oft_policy
 
-        if args.weights:
-            wdir, source = Path(args.weights), f"checkpoint {args.weights}"
-            if checkpoint_kind(wdir) != "oft":
-                raise ConfigError(f"--oft: {wdir} is not an OpenVLA-OFT checkpoint (no action head or proprio "
-                                  "projector file beside the HF files)")
-        else:
-            from .oft_checkpoint import write_tiny_oft_checkpoint
-
-            wdir, source = write_tiny_oft_checkpoint(tmp / "tiny_oft", seed=0), "tiny random OFT checkpoint"
+        wdir, source = _oft_checkpoint_dir(args, tmp)
         config = load_config(wdir)
         dtype, _ = choose_dtype(config, device)
         dt = str(dtype).replace("torch.", "")
@@ -805,22 +812,11 @@ def run_oft(args, frames: FrameSource | None = None) -> dict:
 
 def _load_oft_ttnn(args, mesh, tmp: Path):
     """-> (OFT policy on the TT-NN mesh, weights dir, checkpoint, source description)."""
-    from .errors import ConfigError
-    from .oft import checkpoint_kind
-
     if args.weights or args.size == "tiny":
         from .checkpoint import Checkpoint
         from .oft_policy import load_oft_policy
 
-        if args.weights:
-            wdir, source = Path(args.weights), f"checkpoint {args.weights}"
-            if checkpoint_kind(wdir) != "oft":
-                raise ConfigError(f"--oft: {wdir} is not an OpenVLA-OFT checkpoint (no action head or proprio "
-                                  "projector file beside the HF files)")
-        else:
-            from .oft_checkpoint import write_tiny_oft_checkpoint
-
-            wdir, source = write_tiny_oft_checkpoint(tmp / "tiny_oft", seed=0), "tiny random OFT checkpoint"
+        wdir, source = _oft_checkpoint_dir(args, tmp)
         return load_oft_policy(wdir, backend="ttnn", mesh_device=mesh), wdir, Checkpoint(wdir), source
     from .full_config import RandomCheckpoint, write_full_config
 

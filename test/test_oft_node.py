@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import requires_ros
+from test_node import wait_until
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,18 +114,6 @@ def test_end_effector_action_chunk_serialises_every_field():
 KEY = "libero_spatial_no_noops"
 INSTRUCTION = "put the bowl on the plate"
 T = 8  # the tiny OFT checkpoint: LIBERO-shaped, 8 steps x 7 dims, proprio 8
-
-
-def wait_until(pred, timeout: float, interval: float = 0.02):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(interval)
-    return pred()
 
 
 def ns_of(stamp) -> int:
