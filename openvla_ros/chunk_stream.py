@@ -36,7 +36,8 @@ from openvla_ros.msg import EndEffectorAction, EndEffectorActionChunk
 
 from .chunk_executor import Chunk, ChunkExecutor, ExecutorConfig, Step, Stop
 from .image_conversion import ImageConversionError
-from .oft_inputs import ProprioError, image_to_rgb, proprio_from_msg
+from .image_conversion import msg_to_rgb
+from .oft_inputs import ProprioError, proprio_from_msg
 from .safety import image_too_old
 from .stream import Frame, Prepared, Stream, stamp_to_ns, twist_of
 
@@ -219,7 +220,7 @@ class ChunkStream(Stream):
                 self.reject("rejected_stale_image", f"not acting: wrist {reason}")
                 return None
             try:
-                images.append(image_to_rgb(wrist.msg, wrist.compressed, cfg.max_image_pixels))
+                images.append(msg_to_rgb(wrist.msg, wrist.compressed, cfg.max_image_pixels))
             except ImageConversionError as e:
                 self.reject("rejected_bad_image", f"not acting: bad wrist image: {e}")
                 return None

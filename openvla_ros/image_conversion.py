@@ -149,6 +149,12 @@ def compressed_msg_to_rgb(msg, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 # ---------------------------------------------------------------------------------------------
 # RGB -> messages (synthetic camera, tests, benchmarks)
 # ---------------------------------------------------------------------------------------------
+def msg_to_rgb(msg, compressed: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/CompressedImage (compressed) or Image -> RGB uint8: the one dispatch the node's
+    streams (primary and wrist camera) and replay use."""
+    return compressed_msg_to_rgb(msg, max_pixels) if compressed else image_msg_to_rgb(msg, max_pixels)
+
+
 def rgb_to_image_fields(rgb: np.ndarray, encoding: str = "rgb8", *, row_padding: int = 0,
                         big_endian: bool = False) -> dict:
     """RGB uint8 (H, W, 3) -> the fields of a sensor_msgs/Image in `encoding` (height, width,

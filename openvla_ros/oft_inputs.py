@@ -26,18 +26,12 @@ import numpy as np
 
 from openvla_model.errors import InputError
 
-from .image_conversion import compressed_msg_to_rgb, image_msg_to_rgb
 
 PROPRIO_TYPES = ("float64_array", "joint_state")
 
 
 class ProprioError(InputError):
     """A robot-state message the node cannot use."""
-
-
-def image_to_rgb(msg, compressed: bool, max_pixels: int) -> np.ndarray:
-    """sensor_msgs/Image or CompressedImage -> RGB uint8 (the primary and the wrist camera alike)."""
-    return compressed_msg_to_rgb(msg, max_pixels) if compressed else image_msg_to_rgb(msg, max_pixels)
 
 
 def _check(values: np.ndarray, expected_dim: int | None, what: str) -> np.ndarray:

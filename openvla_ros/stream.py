@@ -31,7 +31,7 @@ from openvla_model.speculative import DraftState
 from openvla_ros.msg import EndEffectorAction
 
 from .diagnostics import Health, Stats, stats_values
-from .image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from .image_conversion import ImageConversionError, msg_to_rgb
 from .params import NodeConfig
 from .safety import (Instruction, SafeAction, SafetyError, check_instruction_text, image_too_old, instruction_stale,
                      make_safe_action)
@@ -344,8 +344,7 @@ class Stream:
             self.reject("rejected_stale_image", f"frame not acted on: {reason}")
             return None
         try:
-            rgb = compressed_msg_to_rgb(frame.msg, cfg.max_image_pixels) if frame.compressed \
-                else image_msg_to_rgb(frame.msg, cfg.max_image_pixels)
+            rgb = msg_to_rgb(frame.msg, frame.compressed, cfg.max_image_pixels)
         except ImageConversionError as e:
             self.reject("rejected_bad_image", f"bad image: {e}")
             return None

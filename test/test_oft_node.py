@@ -62,7 +62,8 @@ def test_proprio_and_wrist_conversions_on_real_messages():
 
     from openvla_model.synthetic import synthetic_rgb
     from openvla_ros.image_conversion import ImageConversionError, rgb_to_compressed_msg, rgb_to_image_msg
-    from openvla_ros.oft_inputs import image_to_rgb, proprio_from_msg
+    from openvla_ros.image_conversion import msg_to_rgb as image_to_rgb
+    from openvla_ros.oft_inputs import proprio_from_msg
 
     js = JointState(name=["j0", "j1"], position=[0.5, -0.5])
     assert proprio_from_msg(js, "joint_state", joint_names=["j1", "j0"], expected_dim=2).tolist() == [-0.5, 0.5]

@@ -163,7 +163,8 @@ def _check_inputs(policy, wrist: str | None, proprio: str | None) -> None:
 def _replay(ep: BagEpisode, o: ReplayOptions, stop, policy, wrist: str | None, proprio: str | None):
     from openvla_model import OpenVLAError
 
-    from ..oft_inputs import image_to_rgb, proprio_from_msg
+    from ..image_conversion import msg_to_rgb
+    from ..oft_inputs import proprio_from_msg
 
     spec = policy.spec
     T = spec.num_actions_chunk
@@ -204,13 +205,13 @@ def _replay(ep: BagEpisode, o: ReplayOptions, stop, policy, wrist: str | None, p
                 rec["status"] = "no_instruction"
                 continue
             try:
-                images = [image_to_rgb(frame.msg, frame.msgtype.endswith("CompressedImage"), DEFAULT_MAX_PIXELS)]
+                images = [msg_to_rgb(frame.msg, frame.msgtype.endswith("CompressedImage"), DEFAULT_MAX_PIXELS)]
                 if wrist_f is not None:
                     w = wrist_f.at(frame.stamp_ns)
                     w_stamp = None if w is None else (stamp_ns(w[4].header) or w[2])
                     if w is None or frame.stamp_ns - w_stamp > WRIST_MAX_SKEW_S * 1e9:
                         raise ReplayError(f"no wrist image at most {WRIST_MAX_SKEW_S:g} s older than the frame")
-                    images.append(image_to_rgb(w[4], w[1].endswith("CompressedImage"), DEFAULT_MAX_PIXELS))
+                    images.append(msg_to_rgb(w[4], w[1].endswith("CompressedImage"), DEFAULT_MAX_PIXELS))
                 state = None
                 if proprio_f is not None:
                     limit = frame.stamp_ns if ptype == "joint_state" else frame.bag_time_ns

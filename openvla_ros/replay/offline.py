@@ -13,14 +13,12 @@ from openvla_model import OpenVLAError, load_policy
 from openvla_model.policy import BatchItem
 from openvla_model.speculative import AcceptanceStats, DraftState
 
-from ..image_conversion import ImageConversionError, compressed_msg_to_rgb, image_msg_to_rgb
+from ..image_conversion import ImageConversionError, msg_to_rgb
 from .frames import Progress, expected_selected, frame_inputs, select_frames
 
 
 def frame_to_rgb(frame):
-    if frame.msgtype.endswith("CompressedImage"):
-        return compressed_msg_to_rgb(frame.msg)
-    return image_msg_to_rgb(frame.msg)
+    return msg_to_rgb(frame.msg, frame.msgtype.endswith("CompressedImage"))
 
 
 class _Stream:
