@@ -33,6 +33,8 @@ ARGUMENTS = [
     ("image_topic", "image", "camera topic (sensor_msgs/Image; <topic>/compressed with image_transport:=compressed)"),
     ("image_transport", "", "raw | compressed (empty: params file)"),
     ("instruction_topic", "instruction", "std_msgs/String topic carrying the language instruction"),
+    ("wrist_image_topic", "wrist_image", "OpenVLA-OFT checkpoints with 2 images: the wrist camera topic (as image_topic)"),
+    ("proprio_topic", "proprio", "OpenVLA-OFT checkpoints with proprio: robot state topic (proprio_type in params_file)"),
     ("namespace", "", "namespace for the node and its relative topics"),
     ("node_name", "openvla_node", "node name"),
     ("start_enabled", "false", "publish motion immediately (false: dry run until ~/enable true)"),
@@ -46,14 +48,15 @@ def _make_node(context, *args, **kwargs):
         return LaunchConfiguration(name).perform(context).strip()
 
     parameters = node_parameters(arg, CONFIG_DIR)
-    image_topic = arg("image_topic")
+    image_topic, wrist_topic = arg("image_topic"), arg("wrist_image_topic")
     return [Node(
         **node_command("openvla_ros.node", "openvla_node"),
         name=arg("node_name"),
         namespace=arg("namespace"),
         parameters=parameters,
         remappings=[("image", image_topic), ("image/compressed", f"{image_topic}/compressed"),
-                    ("instruction", arg("instruction_topic"))],
+                    ("instruction", arg("instruction_topic")), ("wrist_image", wrist_topic),
+                    ("wrist_image/compressed", f"{wrist_topic}/compressed"), ("proprio", arg("proprio_topic"))],
         ros_arguments=["--log-level", arg("log_level")],
         output="screen",
         emulate_tty=True,

@@ -50,3 +50,13 @@ def test_every_process_has_a_deliberate_sigterm_timeout(launch_file):
             f"{launch_file.name}: {name} uses launch's default sigterm_timeout"
         assert float("".join(s.text for s in timeout)) > DEFAULT_SIGTERM_TIMEOUT_S, name
 
+
+
+def test_openvla_launch_remaps_the_oft_inputs():
+    """openvla.launch.py's wrist_image_topic / proprio_topic reach the node as remappings (OpenVLA-OFT)."""
+    (node,) = _processes(ROOT / "launch" / "openvla.launch.py",
+                         {"wrist_image_topic": "/cam/wrist", "proprio_topic": "/arm/state"})
+    node._perform_substitutions(launch.LaunchContext())
+    rules = dict(node.expanded_remapping_rules)
+    assert rules["wrist_image"] == "/cam/wrist" and rules["wrist_image/compressed"] == "/cam/wrist/compressed"
+    assert rules["proprio"] == "/arm/state"
