@@ -364,3 +364,30 @@ def test_copy_emulation_writes_into_its_second_tensor_in_place():
         torch.testing.assert_close(got, ttnn.get_golden_function(ttnn.copy)(want, got), rtol=0, atol=0)
     with pytest.raises(ValueError, match="shapes"):
         emu.copy(a, emu.from_torch(torch.zeros(1, 1, 2, 32), device=mesh, mesh_mapper=rep))
+
+
+def test_paged_update_cache_writes_each_users_row_at_its_own_position():
+    """Batched decode: user b's K/V row lands in cache row b at position pos[b] (a negative
+    position leaves the user's cache alone), checked against plain indexing; a batch that differs
+    from the cache's is refused as the device op refuses it."""
+    emu = GoldenTTNN(2)
+    emu.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    mesh = emu.open_mesh_device((1, 2))
+    rep = emu.ReplicateTensorToMesh(mesh)
+    users, heads, seq, d = 4, 2, 16, 8
+    cache0 = torch.randn(users, heads, seq, d)
+    cache = emu.from_torch(cache0.clone(), device=mesh, mesh_mapper=rep)
+    update = torch.randn(1, users, heads, d)  # decode layout [1, batch, heads, d]
+    pos = torch.tensor([3, 0, -1, 15], dtype=torch.int32)
+    emu.experimental.paged_update_cache(cache, emu.from_torch(update, device=mesh, mesh_mapper=rep),
+                                        update_idxs_tensor=emu.from_torch(pos, device=mesh, mesh_mapper=rep))
+    want = cache0.clone()
+    for b, p in enumerate(pos.tolist()):
+        if p >= 0:
+            want[b, :, p, :] = update[0, b]
+    for shard in cache.shards:
+        torch.testing.assert_close(shard, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cache batch"):
+        emu.experimental.paged_update_cache(
+            cache, emu.from_torch(update[:, :2], device=mesh, mesh_mapper=rep),
+            update_idxs_tensor=emu.from_torch(pos[:2], device=mesh, mesh_mapper=rep))

@@ -291,13 +291,22 @@ class GoldenTTNN:
         return output_tensor
 
     def _experimental_paged_update_cache(self, cache, update, update_idxs_tensor=None, **kwargs):
-        """No golden exists for paged_update_cache: it is update_cache's golden with the decode
-        layout [1, batch, heads, d] moved to update_cache's [1, heads, batch, d]."""
+        """No golden exists for paged_update_cache: per user b of the decode batch, update_cache's
+        golden on cache row b with the decode layout [1, batch, heads, d] moved to update_cache's
+        [1, heads, batch, d] and that user's own position update_idxs_tensor[b] (a negative
+        position skips the user, as sdpa_decode's golden skips it). The device op wants the input
+        batch equal to the cache batch (mock N300: "input.shape[1] == cache batch"): checked."""
         golden = _golden(ttnn.update_cache)
         self.ops_run["paged_update_cache"] = self.ops_run.get("paged_update_cache", 0) + 1
         for i, (c, u) in enumerate(zip(cache.shards, update.shards, strict=True)):
-            idx = int(update_idxs_tensor.shards[i].reshape(-1)[0])
-            golden(c, u.permute(0, 2, 1, 3), idx)
+            idxs = [int(v) for v in update_idxs_tensor.shards[i].reshape(-1)]
+            users = u.shape[1]
+            if users != c.shape[0] or len(idxs) != users:
+                raise ValueError(f"paged_update_cache: input batch {users}, cache batch {c.shape[0]}, "
+                                 f"{len(idxs)} positions (all three must be equal)")
+            for b, idx in enumerate(idxs):
+                if idx >= 0:
+                    golden(c[b:b + 1], u.permute(0, 2, 1, 3), idx, batch_offset=b)
         return cache
 
     # ---- collectives: ttnn's collective goldens over every chip's shard -------------------------
