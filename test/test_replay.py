@@ -611,7 +611,7 @@ def _no_work_streams(monkeypatch):
     ("second_bag_missing", "bag not found"),
     ("more_topics_than_bags", "mismatched options: 2 bags and 3 --image-topic values"),
     ("same_topic_twice", "--image-topic given twice with the same topic"),
-    ("live_several_streams", "mismatched options: 2 streams in live mode"),
+    ("live_node_streams_count", "mismatched options: 2 replayed streams and 1 --node-streams name"),
     ("out_inside_second_bag", "lies inside the input bag"),
     ("second_bag_lacks_the_topic", "image topic '/camera2/image' not in the bag"),
 ])
@@ -624,8 +624,8 @@ def test_several_streams_bad_input_is_one_clear_error(tmp_path, tiny_weights, ca
         extra = ["--image-topic", "/camera/image"] * 3
     elif case == "same_topic_twice":
         bags, extra = [a], ["--image-topic", "/camera/image", "--image-topic", "/camera/image"]
-    elif case == "live_several_streams":
-        extra = ["--mode", "live"]
+    elif case == "live_node_streams_count":
+        extra = ["--mode", "live", "--node-streams", "left"]
     elif case == "out_inside_second_bag":
         out = b / "report"
     elif case == "second_bag_lacks_the_topic":

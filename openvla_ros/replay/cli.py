@@ -1,6 +1,6 @@
 """openvla-replay: replay a recorded episode through the policy (offline) or the running node
-(live) and write a report; several bags (or image topics) offline: batched, one report per
-stream. Errors: one clear line, exit 2. Ctrl-C: partial report, exit 130."""
+(live) and write a report; several bags (or image topics): one report per stream (offline:
+batched; live: into the node's streams at once). Errors: one clear line, exit 2. Ctrl-C: partial report, exit 130."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openvla-replay", description=__doc__.split("\n")[0])
     p.add_argument("bag", nargs="+", help="rosbag2 folder (sqlite3 or mcap) or a single .db3/.mcap file; "
-                   "several bags: one stream each, replayed batched (offline mode)")
+                   "several bags: one stream each, replayed batched (offline) or into the node's streams (live)")
     p.add_argument("--image-topic", action="append", default=None,
                    help="sensor_msgs/Image or CompressedImage topic (default: the only one); repeat it for several "
                         "streams from one bag, or give one per bag")
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-action-topic", default="action_preview",
                    help="live: the node's topic to record (action_preview: every action that passed the safety "
                         "checks, also while motion is disabled)")
+    p.add_argument("--node-streams", default=None, metavar="NAME,NAME,...",
+                   help="live: the node's stream names (its `streams` parameter) the replayed streams are played "
+                        "into, in order (default: several streams use their own names, one stream the plain topics); "
+                        "stream i publishes <namespace>/<name_i>/<node topic>")
+    p.add_argument("--node-namespace", default=None,
+                   help="live: the node's namespace, prefixed to the relative node topics (default: the player's)")
     p.add_argument("--wait-timeout-s", type=float, default=60.0, help="live: wait this long for the node")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -84,7 +90,8 @@ def main(argv=None) -> int:
         gripper_threshold=args.gripper_threshold, twist_period_s=args.twist_period_s,
         gt_tolerance_s=args.gt_tolerance_s, bag_version=args.bag_version, progress=not args.quiet,
         node_image_topic=args.node_image_topic, node_instruction_topic=args.node_instruction_topic,
-        node_action_topic=args.node_action_topic, wait_timeout_s=args.wait_timeout_s)
+        node_action_topic=args.node_action_topic, node_streams=args.node_streams,
+        node_namespace=args.node_namespace, wait_timeout_s=args.wait_timeout_s)
     try:
         from .chunks import chunk_replay_wanted, run_chunk_replay  # OpenVLA-OFT: chunk metrics (docs/oft.md)
 
@@ -99,10 +106,12 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     if "streams" in summary:  # several streams
-        st = summary["streams"]
-        print(f"{'PARTIAL ' if summary['partial'] else ''}report: {out}/report.md  ({len(st)} streams, "
-              f"{sum(s['frames']['processed'] for s in st.values())} actions in {summary['batch']['batches']} "
-              f"batches; per stream: {out}/<stream>/report.md)")
+        st, b = summary["streams"], summary["batch"]
+        n = sum(s["frames"]["processed"] for s in st.values())
+        how = f"{n} actions in {b['batches']} batches" if summary["mode"] == "offline" else \
+            f"{n} actions, {sum(s['frames']['dropped'] for s in st.values())} dropped"
+        print(f"{'PARTIAL ' if summary['partial'] else ''}report: {out}/report.md  ({len(st)} streams, {how}; "
+              f"per stream: {out}/<stream>/report.md)")
         return 130 if summary["partial"] else 0
     f, sp = summary["frames"], summary.get("speculative")
     spec = f"; draft tokens accepted: {sp['mean_accepted']:.2f} of 6 per drafted action" \

@@ -1,5 +1,6 @@
 """The options of one replay run (what `openvla-replay` parses), their validation, and the
-streams they name (several bags, or several image topics of one bag: replayed batched)."""
+streams they name (several bags, or several image topics of one bag: replayed batched offline,
+or live into the node's streams, one node stream each)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from .bag import ReplayError
 
 @dataclass
 class ReplayOptions:
-    bag: str | list  # one bag, or several (one stream each, replayed batched: offline mode)
+    bag: str | list  # one bag, or several (one stream each: batched offline, or live into the node's streams)
     image_topic: str | list | None = None  # one topic, or several (of one bag, or one per bag)
     instruction_topic: str | None = None
     instruction: str | None = None
@@ -42,6 +43,10 @@ class ReplayOptions:
     node_image_topic: str = "image"
     node_instruction_topic: str = "instruction"
     node_action_topic: str = "action_preview"
+    # live mode: the node's stream names, one per replayed stream in order (a list, or "a,b");
+    # None: the replayed streams' names with several streams, the plain topics with one
+    node_streams: str | list | None = None
+    node_namespace: str | None = None  # live: prefixes the relative node topics (None: the player's namespace)
     wait_timeout_s: float = 60.0
     settle_s: float = 2.0
 
@@ -67,6 +72,11 @@ def check_options(o: ReplayOptions) -> None:
     for flag, v in (("--gt-tolerance-s", o.gt_tolerance_s), ("--wait-timeout-s", o.wait_timeout_s)):
         if not (math.isfinite(v) and v >= 0):
             raise ReplayError(f"{flag} must be a finite number >= 0, got {v}")
+    if o.node_streams is not None and o.mode != "live":
+        raise ReplayError(f"mismatched options: --node-streams in {o.mode} mode (it names the running node's "
+                          "streams: live mode)")
+    if o.node_namespace is not None and o.mode != "live":
+        raise ReplayError(f"mismatched options: --node-namespace in {o.mode} mode (live mode only)")
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class StreamSpec:
     name: str  # unique, usable as a folder name: the stream's sub-folder of the report
     bag: str
     image_topic: str | None
+    node_stream: str = ""  # live: the node's stream it is played into ("": the node's plain topics)
 
 
 def _as_list(v) -> list:
@@ -103,7 +114,7 @@ def stream_specs(o: ReplayOptions) -> list[StreamSpec]:
     single-stream replay, report at --out). Several topics of one bag: one stream per topic.
     Several bags: one stream per bag, all with the one --image-topic given (or each bag's only
     image topic), or paired in order with as many --image-topic as bags. Anything else:
-    ReplayError. Live mode replays one stream."""
+    ReplayError. Live mode: each stream's `node_stream` (_node_streams)."""
     bags, topics = [str(b) for b in _as_list(o.bag)], [str(t) for t in _as_list(o.image_topic)]
     if not bags:
         raise ReplayError("no bag given")
@@ -119,8 +130,62 @@ def stream_specs(o: ReplayOptions) -> list[StreamSpec]:
         specs = [(b, topics[i] if len(topics) > 1 else (topics[0] if topics else None)) for i, b in enumerate(bags)]
         names = [_safe_name(Path(b).expanduser().name if Path(b).suffix not in (".db3", ".mcap")
                             else Path(b).expanduser().parent.name) for b in bags]
-    specs = [StreamSpec(n, b, t) for n, (b, t) in zip(_unique(names), specs)]
-    if len(specs) > 1 and o.mode != "offline":
-        raise ReplayError(f"mismatched options: {len(specs)} streams in {o.mode} mode; several bags or image "
-                          "topics are replayed offline only (live mode replays one stream)")
-    return specs
+    names = _unique(names)
+    node_streams = _node_streams(o, names)
+    return [StreamSpec(n, b, t, ns) for n, (b, t), ns in zip(names, specs, node_streams)]
+
+
+_NS_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _node_streams(o: ReplayOptions, names: list[str]) -> list[str]:
+    """Live mode: the node stream each replayed stream is played into, in order. --node-streams
+    maps them explicitly; without it several streams use their own names and one stream the
+    node's plain topics (""). The names must be what the node's `streams` parameter accepts
+    (ROS name tokens, distinct), and the --node-*-topic options relative to the stream."""
+    given = o.node_streams
+    if o.mode != "live":
+        return [""] * len(names)
+    if o.node_namespace is not None:
+        tokens = o.node_namespace.strip("/").split("/")
+        if o.node_namespace.strip("/") and not all(_NS_TOKEN.fullmatch(t) for t in tokens):
+            raise ReplayError(f"--node-namespace {o.node_namespace!r} is not a ROS namespace (tokens of letters, "
+                              "digits and _, not starting with a digit, separated by /)")
+    if given is None:
+        if len(names) == 1:
+            return [""]
+        streams, source = list(names), f"the streams' own names ({','.join(names)})"
+        hint = "; name the node's streams with --node-streams NAME,NAME,..."
+    else:
+        streams = [n.strip() for n in given.split(",")] if isinstance(given, str) else [str(n).strip() for n in given]
+        source, hint = f"--node-streams {','.join(streams)}", ""
+        if len(streams) != len(names):
+            raise ReplayError(f"mismatched options: {len(names)} replayed stream{'s' if len(names) > 1 else ''} "
+                              f"and {len(streams)} --node-streams name{'s' if len(streams) != 1 else ''} (give one "
+                              "node stream per replayed stream, in the same order)")
+    from ..params import ParameterError, validate  # the node's own rules for its `streams` parameter
+
+    try:
+        validate({"streams": streams})
+    except ParameterError as e:
+        problem = e.problems[0].removeprefix("streams: ").split(", got ")[0]
+        raise ReplayError(f"{source}: {problem}{hint}") from None
+    if streams == [""]:  # --node-streams "": the node's plain topics
+        return streams
+    for flag, topic in (("--node-image-topic", o.node_image_topic), ("--node-instruction-topic",
+                        o.node_instruction_topic), ("--node-action-topic", o.node_action_topic)):
+        if topic.startswith(("/", "~")) or not topic.strip("/"):
+            raise ReplayError(f"{flag} {topic!r} must be relative with node streams (each stream's topic is "
+                              "<namespace>/<stream>/<topic>); give the node's namespace with --node-namespace")
+    return streams
+
+
+def node_topic(o: ReplayOptions, node_stream: str, topic: str) -> str:
+    """The topic of the node's stream `node_stream` ("": the node's plain topic) for one of the
+    --node-*-topic options: `<stream>/<topic>`, under --node-namespace when given (else relative:
+    resolved in the player's namespace). An absolute plain topic is used as given."""
+    if topic.startswith(("/", "~")):
+        return topic
+    rel = f"{node_stream}/{topic}" if node_stream else topic
+    ns = (o.node_namespace or "").strip("/")
+    return f"/{ns}/{rel}" if ns else rel

@@ -125,7 +125,16 @@ def write_report(out: Path, summary: dict, plots: list[str]) -> None:
               f"skipped without instruction {f['no_instruction']}",
               f"- out-of-range tokens: {summary['out_of_range_tokens']} in {summary['frames_with_out_of_range']} frames",
               f"- latency ms: p50 {_fmt(summary['latency_ms']['p50'])}, p95 {_fmt(summary['latency_ms']['p95'])}, "
-              f"max {_fmt(summary['latency_ms']['max'])}; achieved rate {_fmt(summary['achieved_rate_hz'])} Hz", ""]
+              f"max {_fmt(summary['latency_ms']['max'])}; achieved rate {_fmt(summary['achieved_rate_hz'])} Hz"]
+    if m.get("node_stream"):  # live, into one of the node's streams
+        c = m.get("node_counts")
+        counted = "n/a (no status of it on /diagnostics)" if c is None else ", ".join(
+            f"{what} {c.get(k, 'n/a')}" for what, k in (
+                ("received", "frames_received"), ("dropped", "frames_dropped"), ("processed", "frames_processed"),
+                ("rejected", "rejected_total")))
+        lines.append(f"- node stream `{m['node_stream']}` of `{m.get('node')}` (actions from "
+                     f"`{m.get('action_topic')}`); the node's counters over the replay: {counted}")
+    lines.append("")
     if summary.get("errors_vs_gt"):
         lines += ["| dim | n | MAE | RMSE | corr |", "|---|---|---|---|---|"]
         for d, e in summary["errors_vs_gt"].items():
@@ -159,23 +168,34 @@ def write_report(out: Path, summary: dict, plots: list[str]) -> None:
 
 def write_streams_report(out: Path, summary: dict) -> None:
     """report.md + index.html of a several-stream replay: one row per stream, linking its own
-    report (<stream>/report.md), and how the frames were batched."""
-    b, m = summary["batch"] or {}, summary["model"]
-    header = ["stream", "bag", "image topic", "processed / selected", "rejected", "latency p50 ms", "mean MAE",
-              "gripper agreement", "mean accepted"]
+    report (<stream>/report.md), and how the frames were batched (live: by the node)."""
+    b, m, live = summary["batch"] or {}, summary["model"], summary["mode"] == "live"
+    header = ["stream", "bag", "image topic"] + (["node stream"] if live else []) + [
+        "processed / selected", "rejected", "dropped", "latency p50 ms", "mean MAE", "gripper agreement",
+        "mean accepted"]
+    if live:
+        how = [f"- mode: live, into the streams of the node `{m.get('node')}`: it ran {_fmt(b.get('batches'))} batches "
+               f"for {_fmt(b.get('items'))} frames during the replay, mean batch {_fmt(b.get('mean_size'))}, "
+               f"largest {_fmt(b.get('max_size'))} (its /diagnostics; n/a without them)",
+               "- latency: from publishing a stream's image to receiving its action (the node's batching included)"]
+    else:
+        how = [f"- mode: {summary['mode']}, batched: {b.get('batches')} predict_batch calls for {b.get('items')} "
+               f"actions, mean batch {_fmt(b.get('mean_size'))} (calls per batch size: {b.get('sizes')}); "
+               + ("the backend batches them" if b.get("batched_backend") else "the backend runs them one by one"),
+               "- latency: what a stream waits for its action, i.e. the whole batch"]
     lines = [f"# OpenVLA replay report, {len(summary['streams'])} streams"
              f"{' (PARTIAL: stopped early)' if summary['partial'] else ''}", "",
              f"- model: `{m.get('weights_path')}` on {m.get('backend')} {m.get('device', '')} {m.get('dtype', '')}",
-             f"- mode: {summary['mode']}, batched: {b.get('batches')} predict_batch calls for {b.get('items')} "
-             f"actions, mean batch {_fmt(b.get('mean_size'))} (calls per batch size: {b.get('sizes')}); "
-             + ("the backend batches them" if b.get("batched_backend") else "the backend runs them one by one"),
-             "- latency: what a stream waits for its action, i.e. the whole batch", "",
-             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    for name, s in summary["streams"].items():
+             *how, "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+
+    def cells(name, s, link, code):
         f = s["frames"]
-        lines.append(f"| [{name}]({name}/report.md) | `{s['bag']}` | `{s['image_topic']}` | {f['processed']} / "
-                     f"{f['selected']} | {f['rejected']} | {_fmt(s['latency_ms']['p50'])} | {_fmt(s['mean_mae'])} | "
-                     f"{_fmt(s['gripper_agreement'], 3)} | {_fmt(s['mean_accepted'], 3)} |")
+        return [link(name), code(s["bag"]), code(s["image_topic"])] + ([code(s.get("node_stream"))] if live else []) + [
+            f"{f['processed']} / {f['selected']}", str(f["rejected"]), str(f["dropped"]), _fmt(s["latency_ms"]["p50"]),
+            _fmt(s["mean_mae"]), _fmt(s["gripper_agreement"], 3), _fmt(s["mean_accepted"], 3)]
+
+    for name, s in summary["streams"].items():
+        lines.append("| " + " | ".join(cells(name, s, lambda n: f"[{n}]({n}/report.md)", lambda v: f"`{v}`")) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     items = []
     for ln in lines:
@@ -185,12 +205,9 @@ def write_streams_report(out: Path, summary: dict) -> None:
             items.append(f"<p>{html.escape(ln[2:])}</p>")
     rows = ["<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr>"]
     for name, s in summary["streams"].items():
-        f = s["frames"]
-        cells = [f"<a href='{html.escape(name)}/index.html'>{html.escape(name)}</a>", html.escape(str(s["bag"])),
-                 html.escape(str(s["image_topic"])), f"{f['processed']} / {f['selected']}", str(f["rejected"]),
-                 _fmt(s["latency_ms"]["p50"]), _fmt(s["mean_mae"]), _fmt(s["gripper_agreement"], 3),
-                 _fmt(s["mean_accepted"], 3)]
-        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells(
+            name, s, lambda n: f"<a href='{html.escape(n)}/index.html'>{html.escape(n)}</a>",
+            lambda v: html.escape(str(v)))) + "</tr>")
     (out / "index.html").write_text(
         "<!doctype html><meta charset='utf-8'><title>OpenVLA replay</title>\n" + "\n".join(items)
         + "\n<table border=1 cellpadding=4>\n" + "\n".join(rows) + "\n</table>\n", encoding="utf-8")

@@ -1,9 +1,10 @@
 """The replay driver: checks the options and the output folder, runs the offline or live mode
-(several streams: offline, batched), and writes the report into `<out>.incomplete`, renamed into
-place when complete (or marked partial).
+(several streams: offline, batched; live, into the node's streams at once), and writes the
+report into `<out>.incomplete`, renamed into place when complete (or marked partial).
 
 Imports flow one way: cli -> run -> offline | live -> frames (the per-frame helpers both modes
-share) -> options, bag. offline and live are imported when chosen (torch / rclpy are heavy)."""
+share) -> options, bag (live also uses options.node_topic). offline and live are imported when
+chosen (torch / rclpy are heavy)."""
 from __future__ import annotations
 
 import shutil
@@ -58,9 +59,10 @@ def _check_instruction_timing(ep: BagEpisode, rows: list) -> None:
 
 
 def run_replay(o: ReplayOptions) -> tuple[Path, dict]:
-    """One stream: the report in --out. Several streams (offline): one report per stream in
-    --out/<stream>/ (each what a single-stream replay of that stream writes, the latency aside),
-    and an overview (summary.json, report.md) in --out."""
+    """One stream: the report in --out. Several streams: one report per stream in --out/<stream>/
+    (offline: each what a single-stream replay of that stream writes, the latency aside; live:
+    each stream's frames, actions, drops and latency, and the node's status of that stream), and
+    an overview (summary.json, report.md) in --out."""
     check_options(o)
     specs = stream_specs(o)
     bags = [sp.bag for sp in specs]
@@ -78,9 +80,9 @@ def run_replay(o: ReplayOptions) -> tuple[Path, dict]:
 
                 results, batch_info = [run_offline(eps[0], o, stop)], None
             else:
-                from .live import run_live
+                from .live import run_live_streams
 
-                results, batch_info = [run_live(eps[0], o, stop)], None
+                results, batch_info = run_live_streams(eps, o, stop, [sp.node_stream for sp in specs])
         for ep, (rows, _) in zip(eps, results):
             _check_instruction_timing(ep, rows)
         if len(eps) == 1:
@@ -102,7 +104,7 @@ def run_replay(o: ReplayOptions) -> tuple[Path, dict]:
 
 def streams_overview(per_stream: dict, batch_info: dict | None, o: ReplayOptions, partial: bool) -> dict:
     """The top-level summary of a several-stream replay: each stream's headline figures (its full
-    summary is in <stream>/summary.json) and how the frames were batched."""
+    summary is in <stream>/summary.json) and how the frames were batched (live: by the node)."""
     first = next(iter(per_stream.values()))
     streams = {}
     for name, s in per_stream.items():
@@ -114,6 +116,8 @@ def streams_overview(per_stream: dict, batch_info: dict | None, o: ReplayOptions
                          "mean_mae": float(np.mean(maes)) if maes else None,
                          "gripper_agreement": s["gripper_agreement"],
                          "mean_accepted": (s["speculative"] or {}).get("mean_accepted")}
+        if "node_stream" in s["model"]:  # live: the node stream it was played into
+            streams[name].update(node_stream=s["model"]["node_stream"], action_topic=s["model"]["action_topic"])
     return {"partial": bool(partial), "mode": o.mode, "streams": streams, "batch": batch_info,
             "model": first["model"], "unnorm_key": first["unnorm_key"],
             "timing_s": {"total": max(s["timing_s"].get("total", 0.0) for s in per_stream.values())}}
