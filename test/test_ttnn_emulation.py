@@ -391,3 +391,59 @@ def test_paged_update_cache_writes_each_users_row_at_its_own_position():
         emu.experimental.paged_update_cache(
             cache, emu.from_torch(update[:, :2], device=mesh, mesh_mapper=rep),
             update_idxs_tensor=emu.from_torch(pos[:2], device=mesh, mesh_mapper=rep))
+
+
+# ---- batched vision (issue 14): the heads ops and SDPA with a batch of images ----------------------
+def test_heads_ops_keep_the_items_of_a_batch_apart():
+    """nlp_create_qkv_heads / nlp_concat_heads on [B, 1, S, W] with B = 3 against an
+    index-by-index composition per item: item b's heads come from item b's rows only."""
+    b, s, nh, d = 3, 4, 2, 8
+    x = torch.randn(b, 1, s, 3 * nh * d, generator=torch.Generator().manual_seed(3))
+    q, k, v = xo.create_qkv_heads(x, nh, nh, transpose_k_heads=False)
+    assert q.shape == k.shape == v.shape == (b, nh, s, d)
+    for i in range(b):
+        for r in range(s):
+            for h in range(nh):
+                for j, t in enumerate((q, k, v)):
+                    col = (j * nh + h) * d
+                    torch.testing.assert_close(t[i, h, r], x[i, 0, r, col:col + d], rtol=0, atol=0)
+    out = xo.concat_heads(q)
+    assert out.shape == (b, 1, s, nh * d)
+    for i in range(b):
+        for r in range(s):
+            for h in range(nh):
+                torch.testing.assert_close(out[i, 0, r, h * d:(h + 1) * d], q[i, h, r], rtol=0, atol=0)
+
+
+def test_sdpa_broadcasts_a_batch_one_mask_and_refuses_what_the_device_refuses():
+    """Prefill SDPA with Q/K/V [B, heads, S, d], B = 3: a (1, 1, S, S) additive mask applies to
+    every item, a (B, 1, S, S) one per item, each equal to softmax(q k^T scale + mask) v computed
+    item by item; a mask whose batch (or heads) is neither 1 nor Q's is refused, as ttnn 0.81.1
+    refuses it ("Mask batch dim must either be 1 ... or must match Q batch dimension"), including
+    a mask of batch 3 over a Q of batch 1 that torch would silently broadcast."""
+    emu = GoldenTTNN(2)
+    emu.set_fabric_config(ttnn.FabricConfig.FABRIC_1D)
+    mesh = emu.open_mesh_device((1, 2))
+    rep = emu.ReplicateTensorToMesh(mesh)
+    g = torch.Generator().manual_seed(4)
+    b, h, s, d, scale = 3, 2, 6, 8, 0.3
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    masks = {"shared": torch.zeros(1, 1, s, s), "per_item": torch.zeros(b, 1, s, s)}
+    masks["shared"][..., 4:] = -1e9
+    for i in range(b):
+        masks["per_item"][i, ..., s - 1 - i:] = -1e9
+    dev = lambda t: emu.from_torch(t, device=mesh, mesh_mapper=rep)  # noqa: E731
+    for name, mask in masks.items():
+        got = emu.transformer.scaled_dot_product_attention(dev(q), dev(k), dev(v), attn_mask=dev(mask),
+                                                           is_causal=False, scale=scale)
+        for i in range(b):
+            m = mask[i if mask.shape[0] == b else 0, 0]
+            want = torch.softmax(q[i] @ k[i].transpose(-1, -2) * scale + m, dim=-1) @ v[i]
+            for shard in got.shards:
+                torch.testing.assert_close(shard[i], want, rtol=1e-5, atol=1e-5, msg=f"{name} item {i}")
+    with pytest.raises(ValueError, match="mask"):
+        emu.transformer.scaled_dot_product_attention(dev(q[:1]), dev(k[:1]), dev(v[:1]),
+                                                     attn_mask=dev(masks["per_item"]), is_causal=False, scale=scale)
+    with pytest.raises(ValueError, match="mask"):
+        emu.transformer.scaled_dot_product_attention(dev(q), dev(k), dev(v), attn_mask=dev(torch.zeros(1, 3, s, s)),
+                                                     is_causal=False, scale=scale)

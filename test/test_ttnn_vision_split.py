@@ -7,6 +7,9 @@ tests use towers that differ MORE than the tiny checkpoint's (other depths, othe
 so every transform is exercised: per-tower features and the projector must equal torch's, each
 chip must hold its own tower's weights and run one tower's ops only, and the traced vision
 stage must replay a new image from the preallocated input with no host transfer but the upload.
+Batched (issue 14): B images in one call give each image its own features and projector output
+(equal to the image alone and to torch's), on 1x2 and 1x8, and the traced stage keeps one trace
+per batch size.
 Host-only (float32 emulator); seconds.
 """
 from __future__ import annotations
@@ -188,3 +191,109 @@ def test_projector_fc1_rows_follow_the_gathered_layout():
     torch.testing.assert_close(gathered @ fc1_rows(w, layout, 2 * width), torch.cat([f0, f1], 1) @ w)
     with pytest.raises(ValueError, match="input rows"):
         fc1_rows(w[:-1], layout, 2 * width)
+
+
+# ---- batched vision (issue 14: one accelerator, several robots) ------------------------------------
+TIGHT = 1e-6  # batched vs one image alone: the same float32 host math per item (measured 0)
+
+
+def _close(got, want, tol, what):
+    err = float((got - want).abs().max())
+    assert err <= tol * max(1.0, float(want.abs().max())), f"{what}: max abs error {err}"
+
+
+@pytest.mark.parametrize("batch", [2, 4])
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_batched_vision_gives_each_image_its_own_features(split_ckpt, torch_modules, mesh, batch):
+    """pixel_values (B, 6, H, W) of B different images: ONE op sequence for the batch (the ops of
+    B = 1 plus the one concat that repeats the prefix rows per item; one all-gather), the gathered
+    features (B, 1, 256, dim) on every chip; item b's features, per-tower host copies and
+    projector output equal image b's alone (B = 1, tight) and torch's (as the B = 1 test)."""
+    from ttnn_golden.emulator import GoldenTTNN
+
+    config, modules = torch_modules
+    emu = GoldenTTNN(MESHES[mesh])
+    vision, projector = _vision(emu, mesh, split_ckpt, config)
+    seeds = [11 + i for i in range(batch)]
+    px = torch.cat([_pixels(s) for s in seeds])
+
+    def ops_of(call):
+        before = dict(emu.ops_run)
+        out = call()
+        return out, {k: v - before.get(k, 0) for k, v in emu.ops_run.items() if v != before.get(k, 0)}
+
+    feats, ran = ops_of(lambda: vision(px))
+    assert feats.shape == (batch, 1, vision.num_patches, vision.dim)
+    for s in feats.shards[1:]:
+        torch.testing.assert_close(s, feats.shards[0], rtol=0, atol=0)
+    dino, sig = vision.tower_features(feats)
+    assert dino.shape == (batch, vision.num_patches, 64) and sig.shape == (batch, vision.num_patches, 144)
+    proj, ran_proj = ops_of(lambda: projector(feats))
+    assert proj.shape == (batch, 1, vision.num_patches, config.llm.hidden_size)
+    assert ran_proj == {"linear": 3, "gelu": 2}, ran_proj  # row-wise over all items at once
+
+    for b, seed in enumerate(seeds):
+        alone, ran_one = ops_of(lambda: vision(px[b:b + 1]))
+        assert alone.shape == (1, 1, vision.num_patches, vision.dim)
+        one_dino, one_sig = vision.tower_features(alone)
+        _close(dino[b], one_dino[0], TIGHT, f"item {b} DINOv2 vs alone")
+        _close(sig[b], one_sig[0], TIGHT, f"item {b} SigLIP vs alone")
+        _close(proj.shards[0][b], projector(alone).shards[0][0], TIGHT, f"item {b} projector vs alone")
+        want_dino, want_sig, want_proj = _reference(modules, _pixels(seed))
+        _close(dino[b], want_dino, MAX_ABS, f"item {b} DINOv2 vs torch")
+        _close(sig[b], want_sig, MAX_ABS, f"item {b} SigLIP vs torch")
+        _close(proj.shards[0][b].reshape(want_proj.shape), want_proj, MAX_ABS, f"item {b} projector vs torch")
+    # the batch's op sequence is B = 1's (no loop over items) plus the prefix rows' repeat
+    assert ran == {**ran_one, "concat": ran_one.get("concat", 0) + 1}, (ran, ran_one)
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        vision(px[0])
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        vision(px[:, :3])
+
+
+def test_traced_vision_captures_one_trace_per_batch_size(split_ckpt, torch_modules):
+    """trace=True with batch sizes 1, 2, 1, 2, 1: the first call of each batch size captures its
+    own trace (its own preallocated input, its own FEATURE_BUFFERS output copies), every later
+    call replays THAT trace with one host write and no read, and gives each item torch's
+    features for its image, B = 2 after B = 1 and B = 1 again after B = 2. Features a B = 1 call
+    handed out stay intact across the B = 2 calls after it. release() releases every trace."""
+    from openvla_model.backends.ttnn.vision import FEATURE_BUFFERS
+    from ttnn_golden.trace import TracingGoldenTTNN
+
+    config, modules = torch_modules
+    emu = TracingGoldenTTNN(2)
+    vision, _ = _vision(emu, "N300", split_ckpt, config, trace=True)
+    calls = [(21,), (22, 23), (24,), (25, 26), (27,), (28, 29)]
+    refs = {seed: _reference(modules, _pixels(seed)) for c in calls for seed in c}
+    first_b1 = None
+    tid_of = {}
+    for i, seeds in enumerate(calls):
+        batch = len(seeds)
+        before, replays = dict(emu.host_io), emu.replays
+        feats = vision(torch.cat([_pixels(s) for s in seeds]))
+        io = {k: emu.host_io[k] - before[k] for k in before}
+        if batch in tid_of:  # a replay of this batch size's trace
+            assert io == {"write": 1, "read": 0}, (seeds, io)
+            assert emu.replays == replays + 1 and emu.replayed[-1] == tid_of[batch], (seeds, emu.replayed)
+        else:  # first call of this batch size: op by op, then captured (no replay)
+            assert emu.replays == replays and len(emu.traces) == len(tid_of) + 1
+            tid_of[batch] = max(emu.traces)
+        assert feats.shape[0] == batch
+        dino, sig = vision.tower_features(feats)
+        for b, seed in enumerate(seeds):
+            _close(dino[b], refs[seed][0], MAX_ABS, f"call {i} item {b} DINOv2")
+            _close(sig[b], refs[seed][1], MAX_ABS, f"call {i} item {b} SigLIP")
+        if i == 2:
+            first_b1 = feats  # the B = 1 replay's features, checked again after the B = 2 replay
+    assert sorted(tid_of) == [1, 2] and len(emu.traces) == 2 and tid_of[1] != tid_of[2]
+    assert emu.replayed == [tid_of[1], tid_of[2], tid_of[1], tid_of[2]]
+    # kept since: one B = 1 call (another of its FEATURE_BUFFERS copies) and two B = 2 replays (their own copies)
+    assert FEATURE_BUFFERS >= 2
+    _close(vision.tower_features(first_b1)[0][0], refs[24][0], MAX_ABS, "B = 1 features after B = 2 replays")
+    for tid in tid_of.values():
+        names = [name for name, *_ in emu.traces[tid]]
+        assert "experimental.all_gather_async" in names and names.count("transformer.scaled_dot_product_attention") \
+            == vision.num_blocks
+    vision.release()
+    assert not emu.traces
+    vision.release()  # idempotent

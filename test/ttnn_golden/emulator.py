@@ -272,7 +272,7 @@ class GoldenTTNN:
     _argmax = _op("argmax", "argmax")
     plus_one = _op("plus_one", "plus_one")  # ttnn's golden increments its input IN PLACE, as the device op
     fill_cache = _op("fill_cache", "fill_cache")  # in place on each chip's cache shard
-    _transformer_scaled_dot_product_attention = _op("sdpa", "transformer.scaled_dot_product_attention")
+    _sdpa = _op("sdpa", "transformer.scaled_dot_product_attention")
     _transformer_scaled_dot_product_attention_decode = _op(
         "sdpa_decode", "transformer.scaled_dot_product_attention_decode")
     del _op
@@ -289,6 +289,18 @@ class GoldenTTNN:
                 raise ValueError(f"argmax output_tensor of shape {tuple(d.shape)}, result {tuple(o.shape)}")
             d.copy_(o)
         return output_tensor
+
+    def _transformer_scaled_dot_product_attention(self, q, k, v, *args, attn_mask=None, **kwargs):
+        """ttnn.transformer.scaled_dot_product_attention: its golden, after the device op's mask
+        checks ("Mask batch dim must either be 1 (to be broadcasted across all batches) or must
+        match Q batch dimension", the same for the heads; ttnn 0.81.1). torch would broadcast a
+        mask of batch B over a Q of batch 1 where the device refuses it."""
+        if attn_mask is not None:
+            for qs, ms in zip(q.shards, attn_mask.shards, strict=True):
+                if ms.dim() != 4 or ms.shape[0] not in (1, qs.shape[0]) or ms.shape[1] not in (1, qs.shape[1]):
+                    raise ValueError(f"sdpa: mask {tuple(ms.shape)} for Q {tuple(qs.shape)}: its batch and heads "
+                                     f"must each be 1 (broadcast) or Q's")
+        return self._sdpa(q, k, v, *args, attn_mask=attn_mask, **kwargs)
 
     def _experimental_paged_update_cache(self, cache, update, update_idxs_tensor=None, **kwargs):
         """No golden exists for paged_update_cache: per user b of the decode batch, update_cache's

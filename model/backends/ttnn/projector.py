@@ -5,6 +5,10 @@ Its input is the vision stage's gathered features (vision.py): each tower's feat
 offset of that tensor, possibly with extra columns (DINOv2's width padding) and a scale (DINOv2's
 residual scale s). fc1's rows are laid out to match: tower j's rows at its offset, divided by its
 scale, zero rows for the extra columns; so fc1 computes exactly timm features @ fc1.
+
+Row-wise (three linears and two GELUs on the last dim), so a batch of images needs nothing of
+its own: the vision's (B, 1, 256, dim) gives (B, 1, 256, hidden), item b = image b's alone
+(test_ttnn_vision_split.py checks it per item).
 """
 from __future__ import annotations
 

@@ -49,6 +49,47 @@ preallocated patch tensor; later calls write the image patches into it
 leaves the features in the tensor the capture produced; the call returns a copy of it (one
 `copy` into one of FEATURE_BUFFERS buffers allocated before the capture, used in turn), so the
 features of the last FEATURE_BUFFERS calls stay valid (OFT keeps one per image).
+
+Batched (issue 14: one accelerator, several robots): `__call__` takes pixel_values (B, 6, H, W)
+for any B >= 1 and returns (B, 1, 256, dim) on every chip, item b = image b, each item computed
+exactly as alone (every op is row-wise or per item: no op mixes items).
+- Layout: the batch is dim 0 of every activation, [B, 1, rows, width] per chip. The host stacks
+  the chips' blocks along dim 0: chip i's block is (B, 1, 256, K), the im2col of its tower's 3
+  channels for the B images, and the blocks are concatenated in chip order, so
+  `ShardTensorToMesh(dim=0)` (N equal contiguous chunks of dim 0) hands chip i exactly its B
+  items: still ONE upload per call. The heads ops and SDPA take the batch dim as it is
+  ([B, 1, S, W] -> [B, heads, S, d] -> [B, 1, S, W]); the final slice and T3K's tower concat
+  keep it.
+- Weights, biases, norm gains and the position embedding are (1, 1, ., .) and broadcast over the
+  batch (binary ops broadcast dim 0; the linears' activations are [B, 1, S, K] x [K, N]). The
+  additive SDPA mask stays (1, 1, S, S): ttnn's SDPA broadcasts a mask of batch 1 over Q's batch
+  (its validation: "Mask batch dim must either be 1 (to be broadcasted across all batches) or
+  must match Q batch dimension"). The prefix rows are concatenated along the rows, which needs
+  the same batch: for B > 1 ONE device op per call (`concat` of B copies of the (1, 1, 32, width)
+  prefix along dim 0) makes the (B, 1, 32, width) block, inside the op sequence and so inside the
+  trace. Not cached per B: a tensor allocated after a trace was captured may sit where that
+  trace keeps its intermediates and be overwritten by its next replay, and a constant is read on
+  every replay. B = 1 runs exactly the op sequence of the unbatched stage (no added op).
+- Traced: one trace per batch size B, captured on the first call with that B (op by op first,
+  then the capture, as above), each with its own preallocated (B, 1, 256, K) patch input and its
+  own FEATURE_BUFFERS output copies; `release()` releases every one. A batch size's input and
+  copies are allocated at its first call, possibly after another trace (another B's, the LLM's)
+  was captured, so such a trace's replay may overwrite them (its intermediates may sit where
+  they were allocated). The input is written right before its own replay: safe. The copies a
+  call hands out stay valid until FEATURE_BUFFERS more calls with the same B, and across
+  replays of traces captured after that B's first call; a trace captured before it may
+  overwrite them, so consume them first (the backend runs the projector right after the
+  vision; OFT's per-image features are B = 1 calls in a row). Calling each batch size once
+  before the LLM's first capture puts every vision allocation before every capture.
+- Cost: one upload (B x 311 kB per chip) and the op count of B = 1 (+1 concat for B > 1) per
+  call, whatever B; the matmuls, norms and SDPA work on B x 288 rows per chip and read each
+  weight once for all items. What B shares is the per-op overhead and the weight reads; the
+  math (about 240 GFLOP per image per chip at full depth, estimate) grows with B, so the time
+  per image falls with B towards the compute-bound figure. Modelled on N300 (op report
+  `--batch 1,2,4`, 2026-12-01): 319 ops / 11.4 ms at B = 1, 320 ops / 18.6 ms at B = 2 (9.3 ms
+  per image), 320 ops / 33.5 ms at B = 4 (8.4 ms per image).
+  Activations: the largest per-chip tensor is the MLP's (B, 1, 288, 4320) bf16, 2.5 MB per
+  item; the full model on the mock N300 ran vision + projector at B = 4 within its DRAM.
 """
 from __future__ import annotations
 
@@ -140,8 +181,9 @@ class TowerLayout:
 
 class FusedVision:
     """DINOv2 on channels 0-2, SigLIP on 3-5, split over the chips (module docstring); returns
-    the gathered features (1, 1, 256, 2 x width) on every chip: [DINOv2 (x s, + mean columns) |
-    SigLIP]. `feature_layout` says where each tower's real features are (projector.py)."""
+    the gathered features (B, 1, 256, 2 x width) on every chip: [DINOv2 (x s, + mean columns) |
+    SigLIP], item b = image b. `feature_layout` says where each tower's real features are
+    (projector.py)."""
 
     def __init__(self, tt, mesh, profile, store, config, trace: bool = False):
         self.tt, self.mesh, self.store = tt, mesh, store
@@ -190,8 +232,7 @@ class FusedVision:
             self.prefix = self._put("prefix", self._prefix_rows, self.act_dtype)
             self.mask = self._put("mask", self._mask, tt.bfloat16)
         self.blocks = [self._block(i, dt) for i in range(self.num_blocks)]
-        self._input = self._output = self._trace_id = None
-        self._copies, self._calls = [], 0
+        self._traces: dict[int, _Traced] = {}  # batch size -> its trace, input and output copies
 
     # ---- weights -------------------------------------------------------------------------------
     def _raw(self, lay: TowerLayout, local: str) -> torch.Tensor:
@@ -292,14 +333,17 @@ class FusedVision:
         h = tt.gelu(h)  # exact (erf) GELU, as timm's nn.GELU
         return tt.linear(h, blk["fc2_w"], bias=blk["fc2_b"], compute_kernel_config=self.compute, dtype=self.act_dtype)
 
-    def forward(self, patches):
-        """Per-chip im2col patches (chip i: its tower's channels) -> gathered features."""
+    def forward(self, patches, batch: int = 1):
+        """Per-chip im2col patches (chip i: its tower's channels), (batch, 1, 256, K) -> gathered
+        features (batch, 1, 256, dim)."""
         tt = self.tt
         x = tt.linear(patches, self.w_patch, bias=self.b_patch, compute_kernel_config=self.compute,
                       dtype=self.act_dtype)
-        x = tt.add(x, self.pos)  # pos_embed on the patches only (prefix tokens get none)
+        x = tt.add(x, self.pos)  # pos_embed on the patches only (prefix tokens get none); broadcast over items
         if self.prefix is not None:
-            x = tt.concat([x, self.prefix], dim=2)
+            # every item gets the prefix rows (B > 1: one device op, inside a trace: module docstring)
+            prefix = self.prefix if batch == 1 else tt.concat([self.prefix] * batch, dim=0)
+            x = tt.concat([x, prefix], dim=2)
         for blk in self.blocks:
             y = tt.layer_norm(x, weight=blk["n1w"], bias=blk["n1b"], epsilon=self.eps,
                               compute_kernel_config=self.compute)
@@ -308,19 +352,24 @@ class FusedVision:
                               compute_kernel_config=self.compute)
             x = tt.add(x, self._mlp(y, blk))
         if self.seq != self.num_patches:
-            x = tt.slice(x, [0, 0, 0, 0], [1, 1, self.num_patches, self.width])
+            x = tt.slice(x, [0, 0, 0, 0], [batch, 1, self.num_patches, self.width])
         feats = self.ccl.all_gather(x, dim=3)  # chip order: [tower 0] x group, [tower 1] x group
         if self.group > 1:  # T3K: one copy of each tower
             g = self.group * self.width
-            feats = tt.concat([tt.slice(feats, [0, 0, 0, 0], [1, 1, self.num_patches, self.width]),
-                               tt.slice(feats, [0, 0, 0, g], [1, 1, self.num_patches, g + self.width])], dim=3)
+            feats = tt.concat([tt.slice(feats, [0, 0, 0, 0], [batch, 1, self.num_patches, self.width]),
+                               tt.slice(feats, [0, 0, 0, g], [batch, 1, self.num_patches, g + self.width])], dim=3)
         return feats
 
     # ---- host side -----------------------------------------------------------------------------
     def host_patches(self, pixel_values: torch.Tensor):
-        """(1, 6, H, W) -> host mesh tensor: chip i gets the im2col of its tower's 3 channels."""
+        """(B, 6, H, W) -> host mesh tensor (N x B, 1, 256, K): chip i's block (B, 1, 256, K) = the
+        im2col of its tower's 3 channels for every item, blocks in chip order (ShardTensorToMesh
+        over dim 0 cuts N equal contiguous chunks: chip i gets its block)."""
         s = self.specs[0]
-        px = pixel_values[:1].float()
+        if pixel_values.dim() != 4 or pixel_values.shape[0] < 1 or pixel_values.shape[1] != 2 * s.channels:
+            raise ValueError(f"vision: pixel_values must be (B, {2 * s.channels}, H, W) with B >= 1, "
+                             f"got {tuple(pixel_values.shape)}")
+        px = pixel_values.float()
         per_tower = [patchify(px[:, s.channels * j:s.channels * (j + 1)], s.patch, self.k_padded) for j in range(2)]
         return torch.cat([per_tower[i // self.group] for i in range(self.mesh.num_devices)], 0)
 
@@ -331,50 +380,69 @@ class FusedVision:
                              mesh_mapper=tt.ShardTensorToMesh(self.mesh.device, dim=0))
 
     def __call__(self, pixel_values: torch.Tensor):
-        """Features (1, 1, 256, dim) on every chip. Host traffic: one upload of the patches."""
+        """Features (B, 1, 256, dim) on every chip for pixel_values (B, 6, H, W), item b = image
+        b. Host traffic: one upload of the patches."""
         host = self.host_patches(pixel_values)
+        batch = int(pixel_values.shape[0])
         if not self.trace:
-            return self.forward(self._upload(host, True))
+            return self.forward(self._upload(host, True), batch)
         tt, dev = self.tt, self.mesh.device
-        if self._trace_id is None:
-            # warm-up: every program compiled and every buffer shape allocated before the capture
-            self._input = self._upload(host, True)
-            out = self.forward(self._input)
+        st = self._traces.get(batch)
+        if st is None:
+            # first call with this batch size: every program compiled and every buffer shape
+            # allocated before the capture (warm-up op by op), then the capture
+            st = _Traced()
+            st.input = self._upload(host, True)
+            out = self.forward(st.input, batch)
             # the buffers handed out after a replay, allocated BEFORE the capture: a tensor
             # allocated after it may land where the trace keeps its intermediates and be
             # overwritten by the next replay
-            self._copies = [out] + [tt.clone(out) for _ in range(FEATURE_BUFFERS - 1)]
-            self._calls = 0
+            st.copies = [out] + [tt.clone(out) for _ in range(FEATURE_BUFFERS - 1)]
             self.ccl.reset()
             tid = tt.begin_trace_capture(dev, cq_id=0)
             try:
-                self._output = self.forward(self._input)
+                st.output = self.forward(st.input, batch)
             finally:
                 tt.end_trace_capture(dev, tid, cq_id=0)
-            self._trace_id = tid
+            st.trace_id = tid
+            self._traces[batch] = st
             return out
-        tt.copy_host_to_device_tensor(self._upload(host, False), self._input)
-        tt.execute_trace(dev, self._trace_id, cq_id=0, blocking=False)
+        tt.copy_host_to_device_tensor(self._upload(host, False), st.input)
+        tt.execute_trace(dev, st.trace_id, cq_id=0, blocking=False)
         # the next replay rewrites the trace's output buffer: hand out a copy (one small op) in
-        # one of FEATURE_BUFFERS preallocated buffers, so a caller may keep that many frames'
-        # features (OFT's images)
-        self._calls += 1
-        keep = self._copies[self._calls % FEATURE_BUFFERS]
-        tt.copy(self._output, keep)
+        # one of FEATURE_BUFFERS preallocated buffers of this batch size, so a caller may keep
+        # that many calls' features (OFT's images)
+        st.calls += 1
+        keep = st.copies[st.calls % FEATURE_BUFFERS]
+        tt.copy(st.output, keep)
         return keep
 
     def tower_features(self, feats) -> list:
         """Host copies (float32) of each tower's features as timm gives them, from chip 0 of the
-        gathered features: [(1, 256, 1024) DINOv2, (1, 256, 1152) SigLIP] (tests, PCC checks)."""
+        gathered features, for every item: [(B, 256, 1024) DINOv2, (B, 256, 1152) SigLIP] (tests,
+        PCC checks)."""
         tt = self.tt
-        host = tt.to_torch(tt.get_device_tensors(feats)[0]).float().reshape(1, self.num_patches, self.dim)
+        host = tt.to_torch(tt.get_device_tensors(feats)[0]).float()
+        host = host.reshape(host.shape[0], self.num_patches, self.dim)
         return [host[..., off:off + e] * k for off, e, k in self.feature_layout]
 
     def release(self):
-        """Release the vision trace (before the mesh closes)."""
-        if self._trace_id is not None and self.mesh.device is not None:
-            tid, self._trace_id = self._trace_id, None
-            self.tt.release_trace(self.mesh.device, tid)
+        """Release every vision trace (one per batch size; before the mesh closes)."""
+        if self.mesh.device is None:
+            return
+        while self._traces:
+            _, st = self._traces.popitem()
+            self.tt.release_trace(self.mesh.device, st.trace_id)
+
+
+class _Traced:
+    """One batch size's trace: its id, preallocated patch input, captured output and the
+    FEATURE_BUFFERS copies handed out in turn."""
+
+    def __init__(self):
+        self.trace_id = self.input = self.output = None
+        self.copies: list = []
+        self.calls = 0
 
 
 def _row(v: torch.Tensor) -> torch.Tensor:
