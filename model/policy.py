@@ -148,8 +148,8 @@ class OpenVLAPolicy:
     def predict_batch(self, items) -> list:
         """Actions for several (rgb, instruction, unnorm_key, draft) items in one batch: one
         preprocessing each, then one backend call for all the good items (batched vision,
-        prefill and decode on a backend with generate_batch: the torch reference and the fast
-        path; per-item generate calls on one without, e.g. TT-NN today).
+        prefill and decode on a backend with generate_batch: the torch reference, the fast path
+        and TT-NN; per-item generate calls on one without).
 
         items: BatchItem or plain tuples (rgb, instruction[, unnorm_key[, draft]]).
         Returns one outcome per item, in order: its ActionResult, or the OpenVLAError that item

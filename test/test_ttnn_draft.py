@@ -160,8 +160,8 @@ def test_golden_drafted_actions_through_the_trace_model(tiny_weights, tiny_polic
         three = [n for n, *_ in emu.traces[be._traces[3][0]]]
         assert three.count("argmax") == 3 and three.count("plus_one") == 6 and three[-1] == "concat", three[-4:]
         # the drafted prefill has its own trace (D + 1 LM-head rows) beside the plain one, and replays ran it
-        assert sorted(rows for _, rows in be._prefill_traces) == [1, D + 1], be._prefill_traces
-        drafted_tid = next(tid for (_, rows), (tid, _) in be._prefill_traces.items() if rows == D + 1)
+        assert sorted(rows for _, rows, _ in be._prefill_traces) == [1, D + 1], be._prefill_traces
+        drafted_tid = next(tid for (_, rows, _), (tid, _) in be._prefill_traces.items() if rows == D + 1)
         assert emu.replayed.count(drafted_tid) == 3, emu.replayed  # k=3, k=0 and all accepted, replayed
     finally:
         be.close()

@@ -244,7 +244,7 @@ def test_golden_one_trace_per_action_gives_torch_tokens_with_one_read(tiny_weigh
             prefill_replayed = seq in buckets
             buckets.add(seq)
             # the vision trace, the decode trace and one prefill trace per bucket seen
-            assert set(be._prefill_traces) == {(s, 1) for s in buckets}, (i, be._prefill_traces.keys())
+            assert set(be._prefill_traces) == {(s, 1, 0) for s in buckets}, (i, be._prefill_traces.keys())
             assert len(emu.traces) == 2 + len(buckets), (i, emu.traces.keys())
             kinds = {tid: "prefill" for tid, _ in be._prefill_traces.values()}
             kinds.update({tid: "decode" for tid, _ in be._traces.values()})

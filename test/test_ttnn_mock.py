@@ -57,23 +57,26 @@ def _run(args, mesh, tmp_path, timeout_s=TIMEOUT_S):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh,llm_layers,vision_depth,overrides", [
-    ("N300", 32, 0, {}),  # the whole OpenVLA-7B: 32 layers, 24 + 27 vision blocks
-    ("T3K", *T3K_DEPTH, {}),  # full width; 2 layers, 3 blocks per tower (OPENVLA_MOCK_T3K_FULL=1: the whole model)
+@pytest.mark.parametrize("mesh,llm_layers,vision_depth,overrides,batch", [
+    ("N300", 32, 0, {}, 4),  # the whole OpenVLA-7B: 32 layers, 24 + 27 vision blocks; then a batch of 4 robots
+    ("T3K", *T3K_DEPTH, {}, 4),  # full width; 2 layers, 3 blocks per tower (OPENVLA_MOCK_T3K_FULL=1: the whole model)
     # the decode fallbacks docs/ttnn.md "First run on a card" tells a card owner to try
-    ("N300", 1, 3, {"decode_graph": "legacy"}),
-    ("N300", 1, 3, {"decode_matmul": "interleaved"})],
+    ("N300", 1, 3, {"decode_graph": "legacy"}, 2),
+    ("N300", 1, 3, {"decode_matmul": "interleaved"}, 2)],
     ids=["N300-full", "T3K-full-width", "N300-fallback-legacy-graph", "N300-fallback-interleaved"])
-def test_mock_mesh_runs_the_model_end_to_end(mesh, llm_layers, vision_depth, overrides, tmp_path):
+def test_mock_mesh_runs_the_model_end_to_end(mesh, llm_layers, vision_depth, overrides, batch, tmp_path):
     """The profile's defaults on both meshes (DRAM-sharded decode matmuls, fused decode graph,
     async collectives), trace off (the mock cannot capture one). N300: the complete 7B; the mock
     allocator has the real DRAM banks, so this also proves the model, its KV cache and the
     activations fit an N300 (the headroom left is printed). T3K: full width, only the depth
-    reduced (module docstring). The two decode fallbacks at full width, 1 layer, 3 blocks."""
+    reduced (module docstring). The two decode fallbacks at full width, 1 layer, 3 blocks. Each run
+    ends with a batch of robots (generate_batch): batched vision, per-item prefills into their
+    own KV-cache slots, max_batch decode rows (issue 14: N300 at full size with a batch of 4)."""
     out = tmp_path / "result.json"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
     proc = _run([str(HERE / "ttnn_mock" / "run_mock_model.py"), mesh, "--llm-layers", str(llm_layers),
-                 "--vision-depth", str(vision_depth), "--prompt-tokens", "22", "45", *flags, "--out", str(out),
+                 "--vision-depth", str(vision_depth), "--prompt-tokens", "22", "45", "--batch", str(batch), *flags,
+                 "--out", str(out),
                  "--work", str(tmp_path)], mesh, tmp_path, timeout_s=3 * TIMEOUT_S if T3K_FULL else TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
@@ -87,6 +90,12 @@ def test_mock_mesh_runs_the_model_end_to_end(mesh, llm_layers, vision_depth, ove
         assert len(call["tokens"]) == 7
         assert set(call["timings_ms"]) == {"vision", "projector", "prefill", "decode"}
     assert result["stage_keys"] == ["decoder_layer0", "dinov2", "prefill_logits", "projector", "siglip", "vision"]
+    # several robots: one batched vision pass, one prefill per item into its own KV-cache slot,
+    # the decode steps on max_batch rows (the profile's: 4 on N300, 8 on T3K)
+    bc = result["batch_call"]
+    assert (bc["items"], bc["max_batch"], bc["tokens_shape"]) == (batch, {"N300": 4, "T3K": 8}[mesh], [batch, 7]), bc
+    assert bc["prompt_tokens"] == [22, 45] * (batch // 2) and bc["accepted"] == [0] * batch, bc
+    assert set(bc["timings_ms"]) == {"vision", "projector", "prefill", "decode"}
     print(f"\n{mesh} ({llm_layers} layers, vision depth {vision_depth or 'full'}, {overrides or 'profile'}) on mock: "
           f"load {result['load_s']:.0f} s, DRAM left per chip {result['dram_headroom_gb_per_chip']:.2f} GB")
     assert result["dram_headroom_gb_per_chip"] >= 0.5

@@ -1,6 +1,6 @@
 """Run the real TT-NN backend on a MOCK mesh at full OpenVLA-7B widths (all depths, or fewer).
 
-    python test/ttnn_mock/run_mock_model.py N300 --llm-layers 32 --vision-depth 0 --out result.json --work DIR
+    python test/ttnn_mock/run_mock_model.py N300 --llm-layers 32 --vision-depth 0 [--batch 4] --out result.json --work DIR
 
 Run by test_ttnn_mock.py in a subprocess (with mock_env's environment, under a timeout): every op
 of vision, projector, prefill and decode goes through ttnn's real validation (shapes, tiling,
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
                    help="override the profile's decode_matmul")
     p.add_argument("--decode-graph", default=None, choices=["fused", "legacy"],
                    help="override the profile's decode_graph")
+    p.add_argument("--batch", type=int, default=0,
+                   help="then one generate_batch of this many items (robots served together; prompt lengths "
+                        "cycle through --prompt-tokens, each item its own image); 0: none")
     p.add_argument("--out", required=True)
     p.add_argument("--work", required=True)
     args = p.parse_args(argv)
@@ -111,6 +114,15 @@ def main(argv=None) -> int:
             calls.append({"prompt_tokens": n, "tokens": tokens.tolist(), "timings_ms": timings,
                           "wall_s": time.perf_counter() - t})
         result["calls"] = calls
+        if args.batch:
+            lens = [args.prompt_tokens[i % len(args.prompt_tokens)] for i in range(args.batch)]
+            batch_ids = [np.array([1] + [100 + i for i in range(n - 2)] + [29871], np.int64) for n in lens]
+            batch_px = torch.randn(args.batch, 6, 224, 224, generator=gen)
+            t = time.perf_counter()
+            tokens, accepted, timings = backend.generate_batch(batch_px, batch_ids, 7)
+            result["batch_call"] = {"items": args.batch, "prompt_tokens": lens, "max_batch": backend.llm.batch,
+                                    "tokens_shape": list(tokens.shape), "accepted": accepted.tolist(),
+                                    "timings_ms": timings, "wall_s": time.perf_counter() - t}
         result["stage_keys"] = sorted(backend.stage_outputs(pixels, ids))
         import ttnn
 

@@ -17,6 +17,10 @@ sdpa decode -> one reshard to height-sharded -> nlp_concat_heads_decode -> a vie
 logical single row (no device op) -> reshard to WO's input -> DRAM-sharded WO -> all-reduce
 (ccl.py) into the residual's layout: 13 device ops, 2 of them collectives.
 
+Batch: the KV cache holds profile.max_batch sequences (slots); decode tensors carry one row per
+slot ([1, 1, batch, hidden] -> [1, batch, heads, d], positions per row), and the prefill of a batch
+item fills its slot (`fill_cache(cache, k, slot)`).
+
 Prefill: fused QKV matmul -> `nlp_create_qkv_heads` (the per-chip [Q | K | V] row -> (1, heads,
 rows, d) each, K untransposed) -> RoPE -> fill_cache -> SDPA -> `nlp_concat_heads` -> WO ->
 all-reduce (28 device ops per decoder layer with the norms and the MLP; 37 with the former slice +
@@ -71,17 +75,20 @@ class Rope:
                 tt.slice(self.sin_tiles, [0, 0, 0, 0], [1, 1, seq, d]))
 
     def decode_tables_sharded(self, pos_rows, memcfg):
-        """The fused decode graph's cos / sin: (1, 1, 1, d) height-sharded (rotary_embedding_hf's
-        decode mode wants cos/sin [1, batch, 1, d] height-sharded)."""
+        """The fused decode graph's cos / sin: (1, batch, 1, d) height-sharded one row per core
+        (rotary_embedding_hf's decode mode wants cos/sin [1, batch, 1, d] height-sharded)."""
         cos, sin = self.decode_tables(pos_rows)
         return self.tt.to_memory_config(cos, memcfg), self.tt.to_memory_config(sin, memcfg)
 
     def decode_tables(self, pos_rows):
-        """pos_rows: (1, 1) uint32 position on the mesh -> (1, 1, 1, d) cos, sin."""
+        """pos_rows: (batch, 1) uint32 positions on the mesh -> (1, batch, 1, d) cos, sin (row b
+        at slot b's position; broadcast over the heads). The lookup gives (batch, 1, d), one tile
+        per row: the same tiles as [1, batch, 1, d], so the reshape is a view (no device op)."""
         tt, d = self.tt, self.head_dim
+        b = pos_rows.shape[0]
         cos = tt.embedding(pos_rows, self.cos_rows, layout=tt.TILE_LAYOUT)
         sin = tt.embedding(pos_rows, self.sin_rows, layout=tt.TILE_LAYOUT)
-        return tt.reshape(cos, (1, 1, 1, d)), tt.reshape(sin, (1, 1, 1, d))
+        return tt.reshape(cos, (1, b, 1, d)), tt.reshape(sin, (1, b, 1, d))
 
     def apply(self, x, cos, sin, compute):
         tt = self.tt
@@ -120,17 +127,22 @@ class Attention:
         self.wo = Linear(tt, mesh, profile, store, f"llm.{layer}.wo", lambda: raw("o_proj.weight").transpose(0, 1),
                          profile.dtype(tt, "wo"), shard_dim=0, in_features=hl * d, out_features=self.hidden,
                          compute=self.wo_compute, decode_compute=decode_compute)
-        # Preallocated once for the longest sequence and reused: prefill overwrites rows 0..S-1,
-        # decode writes row p before attending to rows 0..p, so stale rows are never read and no
+        # Preallocated once for `batch` sequences of the longest length and reused: the prefill of
+        # the item in slot b overwrites rows 0..S-1 of cache row b, decode writes row p of every
+        # slot before attending to rows 0..p of that slot, so stale rows are never read and no
         # reset is needed between calls.
-        zeros = torch.zeros(1, self.kv_heads, max_seq, d)
+        self.batch = int(profile.max_batch)
+        zeros = torch.zeros(self.batch, self.kv_heads, max_seq, d)
         put = dict(dtype=profile.dtype(tt, "kv_cache"), layout=tt.TILE_LAYOUT, device=mesh.device,
                    mesh_mapper=tt.ShardTensorToMesh(mesh.device, dim=1))
         self.k_cache = tt.from_torch(zeros, **put)
         self.v_cache = tt.from_torch(zeros, **put)
+        # decode rows height-sharded one user per core ([1, batch, heads (32 padded), d]): what
+        # paged_update_cache, rotary_embedding_hf and nlp_concat_heads_decode want
         self.update_memcfg = tt.create_sharded_memory_config(
-            shape=(TILE, d), core_grid=tt.CoreGrid(y=1, x=1), strategy=tt.ShardStrategy.HEIGHT,
-            use_height_and_width_as_shard_shape=True)
+            shape=(TILE, d), core_grid=tt.num_cores_to_corerangeset(
+                self.batch, mesh.device.compute_with_storage_grid_size(), row_wise=True),
+            strategy=tt.ShardStrategy.HEIGHT, use_height_and_width_as_shard_shape=True)
 
     def _split(self, qkv, rows: int):
         """(1, 1, rows, (hl + 2 kl) d) -> q, k, v slices (1, 1, rows, heads * d)."""
@@ -138,9 +150,9 @@ class Attention:
         edges = [0, hl * d, (hl + kl) * d, (hl + 2 * kl) * d]
         return [tt.slice(qkv, [0, 0, 0, edges[j]], [1, 1, rows, edges[j + 1]]) for j in range(3)]
 
-    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None):
+    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None, slot: int = 0):
         """x: (1, 1, seq, hidden) normed, replicated -> all-reduced (1, 1, seq, hidden).
-        Fills KV-cache rows 0..seq-1 of this chip's heads. causal=False: every row attends to every
+        Fills rows 0..seq-1 of cache row `slot` (the batch item's own sequence), this chip's heads. causal=False: every row attends to every
         key not masked by attn_mask ((1, 1, seq, seq) additive; OpenVLA-OFT, backends/ttnn/oft.py)."""
         tt, d = self.tt, self.head_dim
         qkv = self.wqkv.prefill(x, self.act_dtype)
@@ -149,8 +161,8 @@ class Attention:
                                                        transpose_k_heads=False, memory_config=tt.DRAM_MEMORY_CONFIG)
         q = self.rope.apply(q, cos, sin, self.qkv_compute)
         k = self.rope.apply(k, cos, sin, self.qkv_compute)
-        tt.fill_cache(self.k_cache, k, 0)
-        tt.fill_cache(self.v_cache, v, 0)
+        tt.fill_cache(self.k_cache, k, slot)
+        tt.fill_cache(self.v_cache, v, slot)
         o = tt.transformer.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
                                                         compute_kernel_config=self.sdpa_compute,
                                                         **({} if attn_mask is None else {"attn_mask": attn_mask}))
@@ -159,14 +171,15 @@ class Attention:
         return self.ccl.all_reduce(out, prefill=True)
 
     def decode(self, x, pos, cos, sin):
-        """x: (1, 1, 1, hidden) normed; pos: (1,) int32 position on the mesh (a device tensor,
-        so the step can be captured as a trace). Writes KV row pos, attends to rows 0..pos."""
-        tt, d = self.tt, self.head_dim
+        """x: (1, 1, batch, hidden) normed, row b = slot b's token; pos: (batch,) int32 positions
+        on the mesh (a device tensor, so the step can be captured as a trace). Writes KV row
+        pos[b] of slot b, which then attends to its rows 0..pos[b]."""
+        tt, d, b = self.tt, self.head_dim, self.batch
         qkv = self.wqkv.decode(x, self.act_dtype, dram_output=True)
-        q, k, v = self._split(qkv, 1)
-        q = tt.reshape(q, (1, 1, self.local_heads, d))  # [1, batch, heads, d]
-        k = tt.reshape(k, (1, 1, self.local_kv, d))
-        v = tt.reshape(v, (1, 1, self.local_kv, d))
+        q, k, v = self._split(qkv, b)
+        q = tt.reshape(q, (1, b, self.local_heads, d))  # [1, batch, heads, d]
+        k = tt.reshape(k, (1, b, self.local_kv, d))
+        v = tt.reshape(v, (1, b, self.local_kv, d))
         q = self.rope.apply(q, cos, sin, self.qkv_compute)
         k = self.rope.apply(k, cos, sin, self.qkv_compute)
         tt.experimental.paged_update_cache(self.k_cache, tt.to_memory_config(k, self.update_memcfg),
@@ -176,13 +189,13 @@ class Attention:
         o = tt.transformer.scaled_dot_product_attention_decode(
             q, self.k_cache, self.v_cache, cur_pos_tensor=pos, scale=self.scale,
             compute_kernel_config=self.sdpa_compute)
-        o = tt.reshape(o, (1, 1, 1, self.local_heads * d))
+        o = tt.reshape(o, (1, 1, b, self.local_heads * d))
         out = self.wo.decode(o, self.act_dtype)
         return self.ccl.all_reduce(out)
 
     def decode_fused(self, x, pos, cos, sin, residual_memcfg):
-        """x: (1, 1, 1, hidden) normed, width-sharded in WQKV's decode input layout; cos / sin from
-        Rope.decode_tables_sharded. Returns the all-reduced output in `residual_memcfg`."""
+        """x: (1, 1, batch, hidden) normed, width-sharded in WQKV's decode input layout; cos / sin
+        from Rope.decode_tables_sharded. Returns the all-reduced output in `residual_memcfg`."""
         tt, d, hl = self.tt, self.head_dim, self.local_heads
         qkv = self.wqkv.decode_sharded(x, self.act_dtype)
         q, k, v = tt.experimental.nlp_create_qkv_heads_decode(
@@ -195,7 +208,7 @@ class Attention:
             q, self.k_cache, self.v_cache, cur_pos_tensor=pos, scale=self.scale,
             compute_kernel_config=self.sdpa_compute)
         o = tt.experimental.nlp_concat_heads_decode(tt.to_memory_config(o, self.update_memcfg), num_heads=hl)
-        # the op pads the batch to 32 rows: view it as the one logical row (same padded shape: no op)
-        o = tt.reshape(o, tt.Shape([1, 1, 1, hl * d]), tt.Shape([1, 1, TILE, hl * d]))
+        # the op pads the batch to 32 rows: view it as the batch's logical rows (same padded shape: no op)
+        o = tt.reshape(o, tt.Shape([1, 1, self.batch, hl * d]), tt.Shape([1, 1, TILE, hl * d]))
         out = self.wo.decode_sharded(tt.to_memory_config(o, self.wo.decode_input), self.act_dtype)
         return self.ccl.all_reduce(out, memory_config=residual_memcfg)

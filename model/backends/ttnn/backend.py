@@ -72,8 +72,7 @@ class TtnnBackend:
         self.mesh = None
         self._dead: str | None = None
         self._traces: dict = {}  # decode steps -> (trace id, tokens tensor): 6 plain, 6-k after k drafts
-        self._prefill_traces: dict = {}  # (padded length S, LM-head rows) -> (trace id, argmax output tensor)
-        self._prefill_pending = None  # (S, rows, num_tokens): the prefill just run op by op, to capture
+        self._prefill_traces: dict = {}  # (padded length S, LM-head rows, slot) -> (trace id, argmax output)
         self.last_accepted = 0  # drafts accepted by the last generate()
         self.last_decode_steps = 0  # decode steps the last generate() ran (num_tokens-1-accepted)
         self.profile_stages = False  # True: synchronise after each stage (per-stage timings)
@@ -117,6 +116,7 @@ class TtnnBackend:
         tt, mesh, profile = self.tt, self.mesh, self.profile
         self.store = WeightStore(tt, mesh, checkpoint, profile, cache_dir)
         self.vision = FusedVision(tt, mesh, profile, self.store, self.config)
+        self.num_patches = self.vision.num_patches
         self.projector = Projector(tt, mesh, profile, self.store, self.vision.feature_layout, self.vision.dim)
         self.llm = LLM(tt, mesh, profile, self.store, self.config.llm, profile.max_seq_len)
 
@@ -151,25 +151,71 @@ class TtnnBackend:
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int, draft=None):
-        """One action. Host traffic: the image and the prompt ids (+ the decode start position,
-        2 x 4 B) in, the num_tokens ids out in ONE read at the end; between stages nothing is
-        written, read or synchronised (argmax feeds the next step on the device, llm.py).
+        """One action: a batch of one (slot 0; the other decode rows idle). Host traffic: the
+        image and the prompt ids (+ the decode start positions) in, the tokens out in ONE read at
+        the end; between stages nothing is written, read or synchronised (argmax feeds the next
+        step on the device, llm.py).
 
         draft: token ids (speculative.sanitize_draft: a bad draft is dropped, never raised)
         verified in the prefill; self.last_accepted says how many were accepted (0 without one).
         A drafted action adds one read (the m+1 argmax ids of the prompt and draft rows) and
-        writes the start token + position after it (3 x 4 B) instead of before the prefill; with
-        every draft accepted that read is the action's only one and no decode step runs.
+        writes the start token + positions after it; with every draft accepted that read is the
+        action's only one and no decode step runs.
 
         timings_ms: with profile_stages False (the timed path) the stages are only enqueued, so
         vision / projector / prefill are host dispatch times (a drafted prefill ends with its
         verification read) and "decode" runs until the tokens are back (their sum is the
         action's wall time); with profile_stages True every stage is followed by
         synchronize_device and each entry is that stage's own time."""
+        tokens, accepted, t = self.generate_batch(pixel_values[:1], [input_ids], num_tokens,
+                                                  drafts=None if draft is None else [draft])
+        return tokens[0], t
+
+    @torch.inference_mode()
+    def generate_batch(self, pixel_values: torch.Tensor, input_ids, num_tokens: int, drafts=None):
+        """Greedy action tokens for B items: pixel_values (B, 6, S, S), input_ids a list of B
+        prompt id arrays (any lengths), drafts None or B drafts (None per item allowed). Returns
+        (tokens int64[B, num_tokens], accepted int64[B], timings_ms summed over the groups).
+
+        Items are run in groups of the profile's max_batch (the KV-cache slots): per group one
+        batched vision + projector pass, one prefill per item filling its own cache slot (each
+        replayed from its (S, rows, slot) trace), then ONE decode of every slot's row per step.
+        Each item's tokens are what generate() gives it alone: its prefill is its own, and decode
+        rows never read another slot's cache (docs/ttnn.md "Several robots")."""
         self._guard()
+        batch = len(input_ids)
+        if pixel_values.shape[0] != batch:
+            raise BackendError(f"generate_batch: {pixel_values.shape[0]} images for {batch} prompts")
+        if drafts is not None and len(drafts) != batch:
+            raise BackendError(f"generate_batch: {len(drafts)} drafts for {batch} prompts")
+        size = self.llm.batch
+        tokens, accepted, timings = [], [], {}
+        for g in range(0, batch, size):
+            tok, acc, t = self._generate_group(pixel_values[g:g + size], list(input_ids[g:g + size]), num_tokens,
+                                               None if drafts is None else list(drafts[g:g + size]))
+            tokens += tok
+            accepted += acc
+            for k, v in t.items():
+                timings[k] = timings.get(k, 0.0) + v
+        self.last_accepted = accepted[0] if batch == 1 else 0
+        return np.asarray(tokens, np.int64).reshape(batch, num_tokens), np.asarray(accepted, np.int64), timings
+
+    def _generate_group(self, pixel_values, input_ids: list, num_tokens: int, drafts):
+        """At most max_batch items; item i in KV-cache slot i (generate_batch)."""
         llm, clock, t = self.llm, time.perf_counter, {}
         sync = self._sync if self.profile_stages else (lambda: None)
-        drafts = sanitize_draft(draft, num_tokens, self.config.vocab_size).tokens
+        count = len(input_ids)
+        ids = [np.asarray(x, np.int64).reshape(-1) for x in input_ids]
+        lengths = [llm.sequence_length(x.size, self.num_patches) for x in ids]
+        item_drafts = []
+        for i, length in enumerate(lengths):
+            d = sanitize_draft(None if drafts is None else drafts[i], num_tokens, self.config.vocab_size).tokens
+            if d is not None and not llm.draft_fits(length, d.size, num_tokens, batched=count > 1):
+                log.debug("draft dropped: %d draft rows after %d positions exceed max_seq_len %d",
+                          d.size, length, llm.max_seq)
+                d = None
+            llm.check_fits(length, num_tokens, 0 if d is None else d.size)  # every item before any device work
+            item_drafts.append(d)
         self.last_accepted = self.last_decode_steps = 0
         stage = "vision"
         try:
@@ -180,100 +226,105 @@ class TtnnBackend:
             projected = self.projector(feats)
             sync(); t2 = clock()
             stage = "prefill"
-            ids = np.asarray(input_ids, np.int64).reshape(-1)
-            length = llm.sequence_length(ids.size, projected.shape[2])
-            if drafts is not None and not llm.draft_fits(length, drafts.size):
-                log.debug("draft dropped: %d draft rows after %d positions exceed max_seq_len %d",
-                          drafts.size, length, llm.max_seq)
-                drafts = None
-            if drafts is None:
-                llm.set_decode_start(length)
-                self._prefill(ids, projected, num_tokens, None)
-                known, accepted = [], 0
-            else:
-                known, accepted = self._verify_drafts(ids, projected, num_tokens, drafts)
+            outs = [self._prefill(ids[i], projected, num_tokens, item_drafts[i], slot=i) for i in range(count)]
+            known, accepted, starts = [[] for _ in range(count)], [0] * count, list(lengths)
+            for i, d in enumerate(item_drafts):
+                if d is not None:
+                    known[i], accepted[i], starts[i] = self._verify_drafts(outs[i], d, lengths[i], num_tokens, i)
+            steps = max(num_tokens - 1 - a for a in accepted)
+            if steps > 0:
+                llm.set_decode_start(starts)
             sync(); t3 = clock()
             stage = "decode"
-            steps = num_tokens - 1 - accepted
-            if steps == 0:  # every draft accepted: the verification read returned the whole action
-                tokens = known
-            else:
-                rest = llm.read_tokens(self._decode(steps))
-                if known and rest[0] != known[-1]:
-                    raise BackendError(f"internal: decode started from token {rest[0]}, verification chose "
-                                       f"{known[-1]}")
-                tokens = known[:-1] + rest
+            rows = llm.read_token_rows(self._decode(steps)) if steps > 0 else None
+            tokens = []
+            for i in range(count):
+                need = num_tokens - 1 - accepted[i]  # this item's own decode steps
+                if need == 0:  # every draft accepted: the verification read returned the whole action
+                    tokens.append(known[i])
+                    continue
+                rest = rows[i][:need + 1]
+                if known[i] and rest[0] != known[i][-1]:
+                    raise BackendError(f"internal: slot {i} decoded from token {rest[0]}, verification chose "
+                                       f"{known[i][-1]}")
+                tokens.append(known[i][:-1] + rest)
             t4 = clock()
-            if self._prefill_pending is not None:
-                self._capture_prefill_trace(*self._prefill_pending)
             if self.trace and steps > 0 and steps not in self._traces:
-                self._capture_decode_trace(steps, length + accepted)
+                self._capture_decode_trace(steps, starts)
         except OpenVLAError:
             raise
         except Exception as e:
             self._fail(stage, e)
-        self.last_accepted, self.last_decode_steps = accepted, steps
+        self.last_accepted, self.last_decode_steps = accepted[0], steps
         t.update(vision=(t1 - t0) * 1e3, projector=(t2 - t1) * 1e3, prefill=(t3 - t2) * 1e3, decode=(t4 - t3) * 1e3)
-        return np.asarray(tokens, dtype=np.int64), t
+        return tokens, accepted, t
 
-    def _verify_drafts(self, ids: np.ndarray, projected, num_tokens: int, drafts: np.ndarray):
-        """The drafted prefill: [BOS, patches, prompt, d1..dm], the LM head on rows L-1..L-1+m,
-        their argmax p_0..p_m on the device, ONE read of them, k = accepted_length(d, p) on the
-        host (the one verifier every backend uses). Returns (p_0..p_k, k): tokens 1..k+1 of the
-        action. Unless the action is complete, the decode steps are then set to start at
-        position L+k from token p_k (3 writes of 4 bytes: the device is idle after the read)."""
+    def _verify_drafts(self, out, drafts: np.ndarray, length: int, num_tokens: int, slot: int):
+        """After the drafted prefill of the item in `slot` ([BOS, patches, prompt, d1..dm], the
+        LM head on rows L-1..L-1+m, their argmax p_0..p_m on the device): ONE read of them,
+        k = accepted_length(d, p) on the host (the one verifier every backend uses). Returns
+        (p_0..p_k, k, start position): tokens 1..k+1 of the action. Unless the action is
+        complete, the slot's decode is set to start at position L+k from token p_k (a 4-byte
+        write: the device is idle after the read); a complete action's row idles at 0."""
         llm = self.llm
-        out, length = self._prefill(ids, projected, num_tokens, drafts)
         predicted = llm.read_tokens(out)
         accepted = int(accepted_length(drafts, np.asarray(predicted, np.int64)))
-        if accepted < num_tokens - 1:
-            llm.set_start_token(predicted[accepted])
-            llm.set_decode_start(length + accepted)
-        return predicted[:accepted + 1], accepted
+        if accepted == num_tokens - 1:
+            return predicted[:accepted + 1], accepted, 0
+        llm.set_start_token(predicted[accepted], slot)
+        return predicted[:accepted + 1], accepted, length + accepted
 
-    def _prefill(self, ids: np.ndarray, projected, num_tokens: int, drafts):
-        """The prefill of [BOS, patches, ids[1:], drafts]: its inputs written into their fixed
-        device tensors (llm.write_prefill_inputs: the ids, the LM-head row indices, the patches
-        copied on the device), then the trace captured for this (padded length S, rows) replayed
-        when there is one, else the same graph op by op (the warm-up; generate() captures it
-        after the action). rows = 1 (plain) or m+1 (m drafts). Returns (the argmax output
-        tensor: token_bufs[0], or the draft predictions, L)."""
+    def _prefill(self, ids: np.ndarray, projected, num_tokens: int, drafts, slot: int = 0):
+        """The prefill of [BOS, patches, ids[1:], drafts] of the item in `slot` (its patches are
+        projected[slot]): its inputs written into their fixed device tensors
+        (llm.write_prefill_inputs: the ids, the LM-head row indices, the patches copied on the
+        device), then the trace captured for this (padded length S, rows, slot) replayed when
+        there is one, else the same graph op by op (the warm-up), then captured at once (the
+        next item of a batch rewrites the shared input tensors: a capture after the action would
+        record from another item's inputs; a device only records, but the emulator runs what it
+        records). rows = 1 (plain) or m+1 (m drafts). Returns the argmax output tensor: the
+        slot's start token, or its draft predictions."""
         llm = self.llm
         rows = 1 if drafts is None else drafts.size + 1
-        self._prefill_pending = None
         if not self.trace:
-            x, length = llm.embed_sequence(ids, projected, num_tokens, draft=drafts)
-            return llm.prefill_argmax(llm.prefill(x, rows), rows, num_tokens), length
-        seq, length = llm.write_prefill_inputs(ids, projected, num_tokens, drafts)
-        traced = self._prefill_traces.get((seq, rows))
+            x, _ = llm.embed_sequence(ids, projected, num_tokens, draft=drafts, item=slot)
+            return llm.prefill_argmax(llm.prefill(x, rows, slot), rows, num_tokens, slot)
+        seq, _ = llm.write_prefill_inputs(ids, projected, num_tokens, drafts, item=slot)
+        traced = self._prefill_traces.get((seq, rows, slot))
         if traced is None:
-            self._prefill_pending = (seq, rows, num_tokens)
-            return llm.prefill_graph(seq, rows, num_tokens), length
+            out = llm.prefill_graph(seq, rows, num_tokens, slot)
+            self._capture_prefill_trace(seq, rows, num_tokens, slot)
+            return out
         tid, out = traced
         self.tt.execute_trace(self.mesh.device, tid, cq_id=0, blocking=False)
-        return out, length
+        return out
 
-    def _capture_prefill_trace(self, seq: int, rows: int, num_tokens: int):
-        """After its warm-up (the same prefill_graph run op by op by this action), record the
-        prefill of padded length `seq` with `rows` LM-head rows as one trace. It reads only the
-        fixed input tensors of write_prefill_inputs (ids per S, row indices per rows, patch_buf)
-        and writes the KV caches and the argmax buffer, so it serves every prompt length L of the
-        bucket. One trace per (S, rows): at most max_seq_len/32 buckets x (1 + drafted row counts)."""
+    def _capture_prefill_trace(self, seq: int, rows: int, num_tokens: int, slot: int = 0):
+        """Right after its warm-up (the same prefill_graph run op by op by this action, its inputs
+        still in place), record the prefill of padded length `seq` with `rows` LM-head rows into
+        cache slot `slot` as one trace. The device is synchronised first: the warm-up's
+        collectives must be done before their semaphores are reset for the capture (the first
+        action of a bucket and slot only). It reads only the fixed input tensors of write_prefill_inputs (ids per S, row
+        indices per rows, patch_buf) and writes the slot's KV rows and its argmax buffer, so it
+        serves every prompt length L of the bucket. One trace per (S, rows, slot): at most
+        max_seq_len/32 buckets x (1 + drafted row counts) x max_batch; in practice the buckets
+        a robot's prompts fall in."""
         tt, dev = self.tt, self.mesh.device
-        self._prefill_pending = None
+        self._sync()
         self.llm.ccl.reset()  # the trace records the semaphores of its collectives (as the decode trace)
         tid = tt.begin_trace_capture(dev, cq_id=0)
         try:
-            out = self.llm.prefill_graph(seq, rows, num_tokens)
+            out = self.llm.prefill_graph(seq, rows, num_tokens, slot)
         finally:
             tt.end_trace_capture(dev, tid, cq_id=0)
-        self._prefill_traces[(seq, rows)] = (tid, out)
-        log.info("prefill of %d rows (%d LM-head rows) captured as trace %s", seq, rows, tid)
+        self._prefill_traces[(seq, rows, slot)] = (tid, out)
+        log.info("prefill of %d rows (%d LM-head rows, slot %d) captured as trace %s", seq, rows, slot, tid)
 
     def _decode(self, steps: int):
-        """`steps` decode steps from token_bufs[0] at the position in step_pos: the trace captured
-        for that many steps when there is one, else the same llm.decode_steps run op by op.
-        Returns the device tensor of the steps + 1 ids (the start token first)."""
+        """`steps` decode steps of every row from the slots' start tokens at the positions in
+        step_pos: the trace captured for that many steps when there is one, else the same
+        llm.decode_steps run op by op. Returns the device tensor of every row's steps + 1 ids
+        (its start token first)."""
         traced = self._traces.get(steps)
         if traced is not None:
             tid, out = traced
@@ -281,14 +332,14 @@ class TtnnBackend:
             return out
         return self.llm.decode_steps(steps + 1)
 
-    def _capture_decode_trace(self, steps: int, start: int):
+    def _capture_decode_trace(self, steps: int, starts):
         """After a warm-up call (every decode op compiled, every token buffer allocated), record
-        `steps` decode steps as one trace: a replay reads the start token (token_bufs[0]) and
-        position from their device tensors and leaves the tokens in the returned tensor. One
-        trace per step count: 6 for a plain action, 6-k after k accepted drafts (k = 0 shares
-        the plain one)."""
+        `steps` decode steps as one trace: a replay reads the slots' start tokens and positions
+        from their device tensors and leaves every row's tokens in the returned tensor. One
+        trace per step count (the most steps any row of the batch needs): 6 for plain actions,
+        6-k after k accepted drafts (k = 0 shares the plain one)."""
         tt, dev = self.tt, self.mesh.device
-        self.llm.set_decode_start(start)  # capture records commands; nothing runs until replay
+        self.llm.set_decode_start(starts)  # capture records commands; nothing runs until replay
         # The trace records the semaphores its collectives use: start from a known point of the cycle.
         self.llm.ccl.reset()
         tid = tt.begin_trace_capture(dev, cq_id=0)

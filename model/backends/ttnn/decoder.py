@@ -32,7 +32,7 @@ class DecoderLayer:
                                 compute_kernel_config=self.norm_compute)
 
     def _decode_fused(self, x, pos, cos, sin):
-        """x: (1, 1, 1, hidden) residual width-sharded in `memcfg` -> the same, one layer on."""
+        """x: (1, 1, batch, hidden) residual width-sharded in `memcfg` -> the same, one layer on."""
         tt, (memcfg, norm_program) = self.tt, self.fused
         h = tt.add(x, self.attention.decode_fused(self._norm_sharded(x, self.attn_norm, memcfg, norm_program),
                                                   pos, cos, sin, memcfg), memory_config=memcfg)
@@ -42,9 +42,9 @@ class DecoderLayer:
     def _norm(self, x, w):
         return self.tt.rms_norm(x, weight=w, epsilon=self.eps, compute_kernel_config=self.norm_compute)
 
-    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None):
+    def prefill(self, x, seq: int, cos, sin, causal: bool = True, attn_mask=None, slot: int = 0):
         tt = self.tt
-        x = tt.add(x, self.attention.prefill(self._norm(x, self.attn_norm), seq, cos, sin, causal, attn_mask))
+        x = tt.add(x, self.attention.prefill(self._norm(x, self.attn_norm), seq, cos, sin, causal, attn_mask, slot))
         return tt.add(x, self.mlp(self._norm(x, self.ffn_norm)))
 
     def decode(self, x, pos, cos, sin):

@@ -26,6 +26,12 @@ preallocated (1, 1, m+1) uint32 tensor, read back ONCE by the backend, which ver
 The remaining decode steps start at L+k from `set_start_token` + `set_decode_start`; the KV rows
 of rejected drafts (L+k.. L+m-1) are overwritten by those steps before any step can read them
 (SDPA decode at position p reads rows 0..p only).
+
+Batch (several robots, backend.generate_batch; docs/ttnn.md "Several robots"): the KV cache has
+profile.max_batch slots and every decode step runs that many rows, row b = slot b (token_bufs are
+(1, 1, batch), positions (batch,)); each item's prefill fills its own slot and writes its token 1
+into slot_start[slot], which decode step 0 gathers into token_bufs[0]. Idle rows decode at
+position 0 of their own slot. With max_batch 1 the graph is the single-robot one exactly.
 """
 from __future__ import annotations
 
@@ -84,18 +90,34 @@ class LLM:
             for layer in self.layers:
                 layer.fused = (self.residual_memcfg, self.norm_program)
         rep = tt.ReplicateTensorToMesh(mesh.device)
-        # Decode inputs: written from the host before each step (4 bytes each), read by the step.
-        self.step_token = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
-        self.step_pos = tt.from_torch(torch.zeros(1, dtype=torch.int32), dtype=tt.int32, device=mesh.device,
-                                      mesh_mapper=rep)
-        self.step_pos_rows = self._host_ids(np.zeros((1, 1), np.int64), rep, device=True)
-        # Device-side feedback: token k of the action lives in token_bufs[k] (argmax's output
-        # shape, (1, 1, 1) uint32 row-major); allocated once, so a captured trace can address them.
-        # Allocated here (not on first use: the first action is the one a trace is captured from).
+        # Batch: every decode step runs `batch` rows (one per KV-cache slot; module docstring).
+        self.batch = int(profile.max_batch)
+        # Decode inputs: written from the host before the steps (4 bytes per row), read by them.
+        self.step_token = self._host_ids(np.zeros((1, self.batch), np.int64), rep, device=True)
+        self.step_pos = tt.from_torch(torch.zeros(self.batch, dtype=torch.int32), dtype=tt.int32,
+                                      device=mesh.device, mesh_mapper=rep)
+        # (batch, 1): row b's cos/sin lookup is then (batch, 1, d) = one tile per row, viewed as
+        # rotary's [1, batch, 1, d] without a device op ((1, batch) would need a ReshapeView per step)
+        self.step_pos_rows = self._host_ids(np.zeros((self.batch, 1), np.int64), rep, device=True)
+        # Device-side feedback: token k of every row lives in token_bufs[k] (argmax's output
+        # shape, (1, 1, batch) uint32 row-major); allocated once, so a captured trace can address
+        # them. Allocated here (not on first use: the first action is the one a trace is captured
+        # from, and a tensor allocated after a capture may alias the trace's intermediates).
         self.token_bufs: list = []
         self._token_buffers(ACTION_TOKENS)
-        self._pred_bufs: dict = {}  # draft rows + 1 -> (1, 1, rows) uint32: the prefill's argmax per row
-        self._pred_buffer(ACTION_TOKENS)  # an action's 6 drafts: allocated with the model, not in an action
+        # Token 1 of the item in each slot ((1, 1, 1): its prefill's argmax, or written by the
+        # host after draft verification); decode step 0 gathers them into token_bufs[0]. With
+        # one slot it IS token_bufs[0] (the single-robot graph, no gather).
+        self.slot_start = [self.token_bufs[0]] if self.batch == 1 else [
+            self._host_ids(np.zeros((1, 1, 1), np.int64), rep, device=True) for _ in range(self.batch)]
+        self._pred_bufs: dict = {}  # (slot, draft rows + 1) -> (1, 1, rows) uint32: the prefill's argmax per row
+        # Every draft length of an action (1..6 drafts) for every slot: allocated with the model, not in
+        # an action. A buffer allocated after a trace capture may sit where that trace keeps its
+        # intermediates; in a batch the host reads item i's predictions only after the later items'
+        # prefill traces have replayed, so none may be allocated late.
+        for slot in range(self.batch):
+            for rows in range(2, ACTION_TOKENS + 1):
+                self._pred_buffer(rows, slot)
         # Prefill inputs (written before the prefill runs or a trace of it replays; the prefill
         # reads only these): the ids per padded length S (1, S - patches) uint32 [BOS, ids[1:],
         # drafts, 0...]; the rows the LM head runs on, per row count (1, rows) uint32 [L-1, ...];
@@ -106,7 +128,7 @@ class LLM:
 
     def _token_buffers(self, count: int) -> list:
         while len(self.token_bufs) < count:
-            self.token_bufs.append(self._host_ids(np.zeros((1, 1, 1), np.int64),
+            self.token_bufs.append(self._host_ids(np.zeros((1, 1, self.batch), np.int64),
                                                   self.tt.ReplicateTensorToMesh(self.mesh.device), device=True))
         return self.token_bufs[:count]
 
@@ -135,24 +157,32 @@ class LLM:
                 f"actions exceed max_seq_len {self.max_seq} ({self.profile.source})")
         return padded
 
-    def draft_fits(self, length: int, draft_rows: int) -> bool:
+    def draft_fits(self, length: int, draft_rows: int, num_tokens: int = 0, batched: bool = False) -> bool:
         """Whether the prefill with draft_rows more rows still fits the KV cache (always true when
-        max_seq_len is a multiple of 32 and the plain action fits)."""
+        max_seq_len is a multiple of 32 and the plain action fits). batched: the item shares its
+        decode steps with others, so after k < num_tokens-1 accepted drafts its row may run up to
+        num_tokens-1 steps (as many as the row needing most) from L+k: positions up to
+        L + 2 num_tokens - 4 must stay in the cache (a row whose action is complete idles at 0)."""
+        if batched and length + 2 * num_tokens - 3 > self.max_seq:
+            return False
         return round_up(length + draft_rows, TILE) <= self.max_seq
 
     # ---- the multimodal sequence -------------------------------------------------------------
-    def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None):
+    def embed_sequence(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None, item: int = 0):
         """[emb(BOS), patches, emb(ids[1:]), emb(draft)] -> ((1, 1, S, hidden) tiles, L):
         write_prefill_inputs, then embed_inputs (S = L + m rounded up to a tile row)."""
-        seq, length = self.write_prefill_inputs(input_ids, projected, num_tokens, draft)
+        seq, length = self.write_prefill_inputs(input_ids, projected, num_tokens, draft, item)
         return self.embed_inputs(seq), length
 
-    def write_prefill_inputs(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None):
+    def write_prefill_inputs(self, input_ids: np.ndarray, projected, num_tokens: int, draft=None, item: int = 0):
         """Everything the prefill of this prompt reads, into its fixed device tensors (what a
         replay of the prefill trace for this (S, rows) reads): the ids in ONE upload
         ([BOS, ids[1:], draft, 0...], S - patches ids), the LM-head rows L-1..L-1+m in one
         (1, m+1) upload, and the projected patches copied (one device op) into patch_buf.
-        Returns (S, L). The m draft ids (None: none) sit at positions L..L+m-1. Rows past them
+        Returns (S, L). projected may hold a batch of images' patches (B, 1, patches, hidden): item
+        picks this prompt's (one slice on the device; the buffers are shared by the items of a
+        batch, whose prefills run one after another in the command queue's order).
+        The m draft ids (None: none) sit at positions L..L+m-1. Rows past them
         hold embeddings of token 0: causal attention keeps them out of every real row, and the
         KV rows they write are overwritten by decode before they could be read."""
         tt = self.tt
@@ -169,6 +199,8 @@ class LLM:
                 tt.copy_host_to_device_tensor(self._host_ids(host, rep), bufs[key])
             else:  # first use (an op-by-op run, before any trace reads it): allocated by this upload
                 bufs[key] = self._host_ids(host, rep, device=True)
+        if projected.shape[0] > 1:
+            projected = tt.slice(projected, [item, 0, 0, 0], [item + 1, 1, num_patches, self.hidden])
         if self.patch_buf is None:
             self.patch_buf = tt.clone(projected)
         else:
@@ -194,17 +226,18 @@ class LLM:
         # One row in prefill and decode alike: the decode (one-row) matmul.
         return self.lm_head.decode(x_row, tt.bfloat16)
 
-    def prefill_layers(self, x, count: int | None = None, causal: bool = True, attn_mask=None):
+    def prefill_layers(self, x, count: int | None = None, causal: bool = True, attn_mask=None, slot: int = 0):
         """Run the first `count` (default all) decoder layers over the whole sequence, filling
-        their KV caches; returns the hidden states (1, 1, S, hidden). causal=False + attn_mask:
-        the bidirectional pass of OpenVLA-OFT (attention.Attention.prefill, backends/ttnn/oft.py)."""
+        KV-cache row `slot` (the batch item's own); returns the hidden states (1, 1, S, hidden).
+        causal=False + attn_mask: the bidirectional pass of OpenVLA-OFT (attention.Attention.prefill,
+        backends/ttnn/oft.py)."""
         seq = x.shape[2]
         cos, sin = self.rope.prefill_tables(seq)
         for layer in self.layers[:count]:
-            x = layer.prefill(x, seq, cos, sin, causal, attn_mask)
+            x = layer.prefill(x, seq, cos, sin, causal, attn_mask, slot)
         return x
 
-    def prefill(self, x, rows: int = 1):
+    def prefill(self, x, rows: int = 1, slot: int = 0):
         """(1, 1, S, hidden) -> this chip's vocab slice of the logits at positions L-1..L-2+rows,
         (1, 1, rows, V/N): the last prompt position, and with draft rows each draft's position.
         The rows are picked by an embedding lookup of the row indices written by
@@ -212,32 +245,35 @@ class LLM:
         Up to 32 rows are one tile row: the LM head's one-row (decode) matmul reads its weights
         once either way."""
         tt = self.tt
-        x = self.prefill_layers(x)
+        x = self.prefill_layers(x, slot=slot)
         table = tt.reshape(tt.to_layout(x, tt.ROW_MAJOR_LAYOUT), (x.shape[2], self.hidden))
         last = tt.embedding(self._row_bufs[rows], table, layout=tt.TILE_LAYOUT)
         return self._head(tt.reshape(last, (1, 1, rows, self.hidden)))
 
-    def prefill_graph(self, seq: int, rows: int, num_tokens: int):
+    def prefill_graph(self, seq: int, rows: int, num_tokens: int, slot: int = 0):
         """The whole prefill from its input buffers (write_prefill_inputs): embedding, decoder
-        layers, norm + LM head on the `rows` rows, argmax into token_bufs[0] (rows 1) or the
-        draft prediction buffer. Device ops only: THE function the backend captures as one
-        trace per (S, rows). Returns the argmax's (fixed) output tensor."""
-        return self.prefill_argmax(self.prefill(self.embed_inputs(seq), rows), rows, num_tokens)
+        layers filling cache row `slot`, norm + LM head on the `rows` rows, argmax into the
+        slot's start token (rows 1) or its draft prediction buffer. Device ops only: THE
+        function the backend captures as one trace per (S, rows, slot). Returns the argmax's
+        (fixed) output tensor."""
+        return self.prefill_argmax(self.prefill(self.embed_inputs(seq), rows, slot), rows, num_tokens, slot)
 
-    def prefill_argmax(self, logits, rows: int, num_tokens: int):
-        """Token 1 into token_bufs[0] (rows 1), or the m+1 draft predictions (rows m+1)."""
+    def prefill_argmax(self, logits, rows: int, num_tokens: int, slot: int = 0):
+        """Token 1 into the slot's start token (rows 1), or the m+1 draft predictions (rows m+1)."""
         if rows == 1:
-            return self.prefill_token(logits, num_tokens)
-        return self.draft_predictions(logits, rows)
+            return self.prefill_token(logits, num_tokens, slot)
+        return self.draft_predictions(logits, rows, slot)
 
     def decode_step(self, token=None):
-        """One token at the position in self.step_pos: reads only device tensors (`token`, a
-        (1, 1, 1) argmax output, or by default step_token (1, 1); the step_pos* tensors)."""
-        token = self.step_token if token is None else self.tt.reshape(token, (1, 1))
+        """One token for every row at its position in self.step_pos: reads only device tensors
+        (`token`, a (1, 1, batch) argmax output, or by default step_token (1, batch); the
+        step_pos* tensors). Returns this chip's vocab slice of the logits (1, 1, batch, V/N)."""
+        b = self.batch
+        token = self.step_token if token is None else self.tt.reshape(token, (1, b))
         if self.fused:
             return self._decode_step_fused(token)
         tt = self.tt
-        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, b, self.hidden))
         cos, sin = self.rope.decode_tables(self.step_pos_rows)
         for layer in self.layers:
             x = layer.decode(x, self.step_pos, cos, sin)
@@ -246,7 +282,7 @@ class LLM:
     def _decode_step_fused(self, token):
         """tt_transformers' decode graph: the residual stays width-sharded in L1 (decoder.py)."""
         tt, mem = self.tt, self.residual_memcfg
-        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, 1, self.hidden))
+        x = tt.reshape(tt.embedding(token, self.embedding, layout=tt.TILE_LAYOUT), (1, 1, self.batch, self.hidden))
         x = tt.to_memory_config(x, mem)
         cos, sin = self.rope.decode_tables_sharded(self.step_pos_rows, self.layers[0].attention.update_memcfg)
         for layer in self.layers:
@@ -267,39 +303,44 @@ class LLM:
         return tt.argmax(logits, dim=3, output_tensor=out)
 
     # ---- device-side feedback: the decode steps of one action ----------------------------------
-    def prefill_token(self, logits, num_tokens: int):
-        """Token 1 (the prefill's argmax) into token_bufs[0], on the device."""
-        return self.next_token(logits, out=self._token_buffers(num_tokens)[0])
+    def prefill_token(self, logits, num_tokens: int, slot: int = 0):
+        """Token 1 (the prefill's argmax) into the slot's start token, on the device."""
+        self._token_buffers(num_tokens)
+        return self.next_token(logits, out=self.slot_start[slot])
 
-    def draft_predictions(self, logits, rows: int):
+    def draft_predictions(self, logits, rows: int, slot: int = 0):
         """The greedy token after each of the `rows` prefill rows (the last prompt position and
-        each draft), argmax on the device into a preallocated (1, 1, rows) uint32 tensor (one
-        28-byte read for an action's 6 drafts)."""
-        return self.next_token(logits, out=self._pred_buffer(rows), rows=rows)
+        each draft), argmax on the device into a preallocated (1, 1, rows) uint32 tensor of the
+        slot (one 28-byte read for an action's 6 drafts)."""
+        return self.next_token(logits, out=self._pred_buffer(rows, slot), rows=rows)
 
-    def _pred_buffer(self, rows: int):
-        if rows not in self._pred_bufs:
-            self._pred_bufs[rows] = self._host_ids(np.zeros((1, 1, rows), np.int64),
-                                                   self.tt.ReplicateTensorToMesh(self.mesh.device), device=True)
-        return self._pred_bufs[rows]
+    def _pred_buffer(self, rows: int, slot: int = 0):
+        if (slot, rows) not in self._pred_bufs:
+            self._pred_bufs[slot, rows] = self._host_ids(np.zeros((1, 1, rows), np.int64),
+                                                         self.tt.ReplicateTensorToMesh(self.mesh.device), device=True)
+        return self._pred_bufs[slot, rows]
 
-    def set_start_token(self, token: int):
-        """Token 1 of the decode steps (token_bufs[0]) from the host: after draft verification,
-        the first token greedy decoding has not confirmed yet (one 4-byte write)."""
+    def set_start_token(self, token: int, slot: int = 0):
+        """Token 1 of the slot's decode steps from the host: after draft verification, the
+        first token greedy decoding has not confirmed yet (one 4-byte write)."""
         tt = self.tt
         tt.copy_host_to_device_tensor(
-            self._host_ids(np.array([[[token]]]), tt.ReplicateTensorToMesh(self.mesh.device)), self.token_bufs[0])
+            self._host_ids(np.array([[[token]]]), tt.ReplicateTensorToMesh(self.mesh.device)), self.slot_start[slot])
 
     def feedback_step(self, k: int):
-        """Decode step k (0-based): embeds token_bufs[k] at position step_pos, writes its argmax into
-        token_bufs[k + 1], then advances step_pos and step_pos_rows by one on the device."""
-        bufs = self._token_buffers(k + 2)
-        self.next_token(self.decode_step(bufs[k]), out=bufs[k + 1])
+        """Decode step k (0-based): embeds token_bufs[k] (row b: slot b's token) at the positions
+        in step_pos, writes the argmax of every row into token_bufs[k + 1], then advances step_pos
+        and step_pos_rows by one on the device. Step 0 first gathers the slots' start tokens
+        into token_bufs[0] (two device ops; none with one slot)."""
+        tt, bufs = self.tt, self._token_buffers(k + 2)
+        if k == 0 and self.batch > 1:
+            tt.copy(tt.concat(self.slot_start, dim=2), bufs[0])
+        self.next_token(self.decode_step(bufs[k]), out=bufs[k + 1], rows=self.batch)
         self.tt.plus_one(self.step_pos)
         self.tt.plus_one(self.step_pos_rows)
 
     def gather_tokens(self, num_tokens: int):
-        """The action's tokens as one (1, num_tokens, 1) device tensor (one read for all of them)."""
+        """Every row's tokens as one (1, num_tokens, batch) device tensor (one read for all)."""
         bufs = self._token_buffers(num_tokens)
         return bufs[0] if num_tokens == 1 else self.tt.concat(bufs, dim=1)
 
@@ -310,27 +351,43 @@ class LLM:
             self.feedback_step(k)
         return self.gather_tokens(num_tokens)
 
-    def set_decode_start(self, pos: int):
-        """Position of decode step 0 (= the sequence length L): two 4-byte writes, made with the
-        prompt ids before any decode op runs."""
+    def set_decode_start(self, pos):
+        """Position of decode step 0 of every row (an int: slot 0, the other rows at 0; or one
+        per slot): the slot's sequence length L (+ accepted drafts); an idle row (no item, or
+        its action already complete) at 0, where it writes and reads only its own slot's row 0.
+        Two writes of 4 bytes per row, made before any decode op runs."""
         tt = self.tt
+        rows = np.zeros(self.batch, np.int64)
+        given = np.atleast_1d(np.asarray(pos, np.int64))
+        if given.size > self.batch or (given < 0).any() or (given >= self.max_seq).any():
+            raise ValueError(f"decode start positions {given.tolist()} for {self.batch} rows of {self.max_seq}")
+        rows[:given.size] = given
         rep = tt.ReplicateTensorToMesh(self.mesh.device)
-        tt.copy_host_to_device_tensor(self._host_ids(np.array([[pos]]), rep), self.step_pos_rows)
+        tt.copy_host_to_device_tensor(self._host_ids(rows.reshape(-1, 1), rep), self.step_pos_rows)
         tt.copy_host_to_device_tensor(
-            tt.from_torch(torch.tensor([pos], dtype=torch.int32), dtype=tt.int32, mesh_mapper=rep), self.step_pos)
+            tt.from_torch(torch.as_tensor(rows, dtype=torch.int32), dtype=tt.int32, mesh_mapper=rep), self.step_pos)
 
     def read_tokens(self, tokens_tensor) -> list:
-        """gather_tokens' tensor -> the ids, from chip 0 (one blocking read)."""
+        """A (1, 1, n) id tensor (draft predictions) -> the ids, from chip 0 (one blocking read)."""
         tt = self.tt
         return [int(v) for v in tt.to_torch(tt.get_device_tensors(tokens_tensor)[0]).reshape(-1)]
 
+    def read_token_rows(self, tokens_tensor) -> list:
+        """gather_tokens' (1, n, batch) tensor -> one id list per row (slot), from chip 0 (one
+        blocking read)."""
+        tt = self.tt
+        host = tt.to_torch(tt.get_device_tensors(tokens_tensor)[0]).reshape(-1, self.batch)
+        return [[int(v) for v in host[:, b]] for b in range(self.batch)]
+
     def set_step_inputs(self, token: int, pos: int):
+        """Row 0's decode input (token, position) from the host, the other rows token 0 at 0
+        (tests: one op-by-op step through decode_step())."""
         tt = self.tt
         rep = tt.ReplicateTensorToMesh(self.mesh.device)
-        tt.copy_host_to_device_tensor(self._host_ids(np.array([[token]]), rep), self.step_token)
-        tt.copy_host_to_device_tensor(self._host_ids(np.array([[pos]]), rep), self.step_pos_rows)
-        tt.copy_host_to_device_tensor(
-            tt.from_torch(torch.tensor([pos], dtype=torch.int32), dtype=tt.int32, mesh_mapper=rep), self.step_pos)
+        ids = np.zeros((1, self.batch), np.int64)
+        ids[0, 0] = token
+        tt.copy_host_to_device_tensor(self._host_ids(ids, rep), self.step_token)
+        self.set_decode_start(pos)
 
     def read_token(self, token_tensor) -> int:
         """The chosen id, from chip 0 (every chip holds the same after the all-gather)."""

@@ -33,6 +33,7 @@ DECODE_GRAPHS = ("fused", "legacy")
 #   fidelities of prefill (and of every matmul with decode_matmul: interleaved).
 OPTIONAL_DTYPES = {"ccl": ("bfloat16", ("bfloat16", "bfloat8_b"))}
 OPTIONAL_FIDELITIES = {"decode": "HiFi2"}
+MAX_DECODE_BATCH = 32  # decode rows are one tile row (32); the fused graph puts one user per core
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PrecisionProfile:
     fidelity: dict
     device: dict = field(default_factory=dict)
     max_seq_len: int = 512
+    max_batch: int = 1  # decode rows (robots served together): the KV cache holds this many sequences
     trace_decode: bool = True
     decode_matmul: str = "interleaved"  # | dram_sharded (see linear.py)
     decode_graph: str = "fused"  # | legacy (see DECODE_GRAPHS)
@@ -119,6 +121,10 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     max_seq = int(data.get("max_seq_len", 512))
     if max_seq % 32 or max_seq < 288:
         raise BackendError(f"{path}: max_seq_len must be a multiple of 32 and >= 288, got {max_seq}")
+    max_batch = data.get("max_batch", 1)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_DECODE_BATCH:
+        raise BackendError(f"{path}: max_batch must be an integer 1..{MAX_DECODE_BATCH} (decode rows share one tile "
+                           f"row of 32; each row holds a KV cache of max_seq_len positions), got {max_batch!r}")
     decode_matmul = str(data.get("decode_matmul", "interleaved"))
     if decode_matmul not in DECODE_MATMULS:
         raise BackendError(f"{path}: decode_matmul = {decode_matmul!r}; expected one of {', '.join(DECODE_MATMULS)}")
@@ -129,7 +135,7 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not target > 0:
         raise BackendError(f"{path}: target_actions_per_s must be a number > 0, got {target!r}")
     return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
-                            device=dict(data.get("device") or {}), max_seq_len=max_seq,
+                            device=dict(data.get("device") or {}), max_seq_len=max_seq, max_batch=max_batch,
                             trace_decode=bool(data.get("trace_decode", True)), decode_matmul=decode_matmul,
                             decode_graph=decode_graph, target_actions_per_s=float(target), source=str(path))
 
