@@ -14,6 +14,9 @@ a float32 one: ~30 GB of host RAM instead of ~15). Checks:
   fixed 20 image / instruction / unnorm-key cases of openvla_model.backends.ttnn.acceptance;
 - test_hw_benchmark: per-stage median times and actions/s, printed; with OPENVLA_HW_ASSERT_SPEED=1
   it FAILS below the profile's `target_actions_per_s` (config/ttnn/<MESH>.yaml: 10 on both).
+- test_hw_batch_items_equal_each_alone_and_report_throughput: a batch of max_batch cases gives
+  each item the card's own tokens for it alone (twice: traced replays), and the aggregate
+  actions/s at batch 1 and max_batch, printed.
 These functions are run here on the CPU against the golden-function TT-NN emulator (tiny
 checkpoint) by test/test_ttnn_acceptance.py, so their logic is proven before a card runs them.
 """
@@ -118,3 +121,28 @@ def test_hw_benchmark(policies):
     print("  " + verdict + ("" if ASSERT_SPEED else " (not asserted: OPENVLA_HW_ASSERT_SPEED=1 asserts it)"))
     if ASSERT_SPEED:
         assert rate >= target, "below the target: " + verdict
+
+
+def test_hw_batch_items_equal_each_alone_and_report_throughput(policies):
+    """Several robots on the card (issue 14): a batch of max_batch acceptance cases through
+    predict_batch gives every item the tokens the SAME card gives it alone (decode rows are
+    computed independently in one tile: no tolerance), twice (the second replays the per-slot
+    prefill traces and the decode trace); then batch 1 vs max_batch throughput, printed."""
+    tt, _ = policies
+    size = tt.backend.llm.batch
+    cases = acceptance_cases(tt.config.norm_stats)[:size]
+    items = [(c.image(), c.instruction, c.unnorm_key) for c in cases]
+    alone = [tt.predict(*it).tokens.tolist() for it in items]
+    for rep in range(2):
+        out = tt.predict_batch(items)
+        got = [o.tokens.tolist() for o in out]
+        assert got == alone, f"batch replay {rep}: {got} vs alone {alone}"
+    rates = {}
+    for b in (1, size):
+        tt.predict_batch(items[:b])
+        start = time.perf_counter()
+        for _ in range(BENCH_RUNS // 2):
+            tt.predict_batch(items[:b])
+        rates[b] = b * (BENCH_RUNS // 2) / (time.perf_counter() - start)
+    print(f"\n[{_device(tt)}] batch 1: {rates[1]:.2f} actions/s, batch {size}: {rates[size]:.2f} actions/s "
+          f"aggregate ({rates[size] / rates[1]:.2f}x)")
