@@ -5,6 +5,8 @@
     openvla-bench --batch 1,2,4,8 [...]   several streams per policy.predict_batch (run_batch)
     openvla-bench --oft [...]             one OpenVLA-OFT pass per chunk beside OpenVLA (run_oft)
     openvla-bench --oft --backend ttnn --mesh-device N300|T3K [--report ops]   the same on TT-NN (a card), or modelled
+    openvla-bench --backend ttnn --mesh-device N300|T3K --report ops [--batch 1,2,4]   the op report (mock mesh,
+                                          modelled), with --batch its "Several robots" rows for those sizes
 
 Without --weights, `--size full` builds the full OpenVLA-7B shape with RANDOM weights
 (initialised on the device in the working dtype; nothing is downloaded) and `--size tiny` writes
@@ -1006,7 +1008,8 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
                         "accepted (all = 6; default 0,3,6; none = plain path only)")
     p.add_argument("--batch", default=None, metavar="B[,B]",
                    help="instead of the stage table: B streams in one policy.predict_batch per batch size "
-                        "(e.g. 1,2,4,8): latency p50/p95 per action, aggregate actions/s, ratios to batch 1")
+                        "(e.g. 1,2,4,8): latency p50/p95 per action, aggregate actions/s, ratios to batch 1; "
+                        "with --backend ttnn --report ops: the op report's modelled 'Several robots' rows")
     p.add_argument("--oft", action="store_true",
                    help="instead of the stage table: one OpenVLA-OFT pass per action chunk (tiny OFT checkpoint, "
                         "full size with random weights, or --weights OFT_DIR) beside plain OpenVLA per action; "
@@ -1028,8 +1031,10 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # --oft --report ops: the op report with its OpenVLA-OFT chunk section (one mode, not two)
-    modes = [m for m, on in (("--batch", args.batch is not None), ("--oft", args.oft and not args.report),
+    # --oft / --batch with --report ops: the op report with its OpenVLA-OFT chunk / "Several robots"
+    # section (one mode, not two)
+    modes = [m for m, on in (("--batch", args.batch is not None and not args.report),
+                             ("--oft", args.oft and not args.report),
                              ("--report ops", args.report)) if on]
     if len(modes) > 1:
         print(f"error: {' and '.join(modes)} are separate benchmarks: choose one", file=sys.stderr)
@@ -1045,6 +1050,7 @@ def main(argv=None, frames: FrameSource | None = None) -> int:
         from .backends.ttnn.op_report import main as op_report_main
 
         return op_report_main(["--mesh-device", args.mesh_device] + (["--oft"] if args.oft else [])
+                              + (["--batch", args.batch] if args.batch is not None else [])
                               + (["--json", args.json] if args.json else []))
     try:
         import transformers

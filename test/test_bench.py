@@ -126,3 +126,12 @@ def test_bench_oft_refuses_a_plain_checkpoint(tiny_weights, capsys):
     assert bench.main(["--oft", "--weights", str(tiny_weights), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not an OpenVLA-OFT checkpoint" in err[0], err
+
+
+def test_bench_report_ops_with_batch_is_one_mode(capsys, monkeypatch):
+    """--batch with --report ops is the op report's "Several robots" rows, not a second benchmark: without
+    --backend ttnn the one error is the op report's (the forwarding itself: test_ttnn_op_report)."""
+    monkeypatch.delenv("MESH_DEVICE", raising=False)
+    assert bench.main(["--report", "ops", "--batch", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--report ops needs --backend ttnn" in err[0], err

@@ -33,13 +33,19 @@ NO_DEVICE_OP = {"reshape(view)"}
 
 
 @pytest.fixture(scope="module")
-def n300_report(tmp_path_factory):
+def n300_run(tmp_path_factory):
+    """(summary, work dir holding raw.json) of the reduced-depth N300 report: ONE mock run per module."""
     if _why is not None:
         pytest.skip(f"mock TT-NN devices unavailable: {_why}")
     from openvla_model.backends.ttnn.op_report import op_report
 
     work = tmp_path_factory.mktemp("op_report")
-    return op_report("N300", llm_layers=1, vision_depth=3, timeout_s=TIMEOUT_S, work=work)
+    return op_report("N300", llm_layers=1, vision_depth=3, timeout_s=TIMEOUT_S, work=work), work
+
+
+@pytest.fixture(scope="module")
+def n300_report(n300_run):
+    return n300_run[0]
 
 
 class _Counting:
@@ -131,8 +137,8 @@ def test_collectives_and_host_transfers_of_one_decode_step(n300_report):
 def test_host_transfers_of_one_action_on_the_timed_path(n300_report):
     """The whole action's host traffic (every stage, all 6 decode steps): in, the image patches
     (ONE upload: each chip gets its own tower's patches, vision.py), the prompt ids (BOS and the rest: two uploads) and the decode start
-    position (two 4-byte writes: int32 position, uint32 RoPE row); out, the 7 tokens in ONE read
-    of 7 uint32; no synchronize_device; nothing uploaded from inside a decode or vision op (the
+    positions (two writes of 4 bytes per decode row: int32 positions, uint32 RoPE rows); out, the 7
+    tokens of every decode row in ONE read of 7 x max_batch uint32; no synchronize_device; nothing uploaded from inside a decode or vision op (the
     vision heads ops replaced its tiled reshapes; prefill still has some: counted apart)."""
     io = n300_report["action_io"]
     assert n300_report["info"]["decode_steps_run"] == 6
@@ -141,7 +147,7 @@ def test_host_transfers_of_one_action_on_the_timed_path(n300_report):
     assert n300_report["stages"]["vision"].op_internal_uploads == 0
     assert n300_report["stages"]["decode"].op_internal_uploads == 0
     assert n300_report["stages"]["tokens"].op_internal_uploads == 0
-    assert io["d2h_bytes"] == 7 * 4, io
+    assert io["d2h_bytes"] == 7 * 4 * 4, io  # 7 uint32 of each of the N300 profile's 4 decode rows (max_batch)
     assert n300_report["syncs_per_action"] == 0
     assert n300_report["stages"]["tokens"].device_ops == 1  # the 7 token buffers concatenated
 
@@ -361,3 +367,211 @@ def test_bench_oft_ttnn_without_a_card_says_so_in_one_line(capsys, monkeypatch):
     assert bench.main(["--oft", "--backend", "ttnn", "--mesh-device", "N300", "--size", "tiny", "--runs", "1"]) == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error: ")]
     assert len(err) == 1 and "no Tenstorrent card found" in err[0] and "--report ops" in err[0], err
+
+
+# ---- Several robots (issue 14): the op report's batch captures and model -------------------------------------------
+# Independent expectations: max_batch read from the profile file (config/ttnn/N300.yaml), the single action of the
+# SAME capture (its vision, prefill, decode steps), the op sequence of generate_batch as docs/ttnn.md "Several
+# robots" states it (one batched vision pass: the single vision + the prefix concat for B > 1; per item one prefill
+# = the single prefill + the slice of its patches; the decode steps of every row once), the fill_cache calls made
+# (spied on ttnn.fill_cache: item, slot), and the host traffic of a batch: 1 patches upload (B images), per item
+# ids + LM-head row index, 2 decode-start writes, 1 read of (7, max_batch) uint32 tokens.
+
+
+@pytest.fixture(scope="module")
+def n300_raw(n300_run):
+    import json
+
+    return json.loads((n300_run[1] / "raw.json").read_text())
+
+
+def _max_batch(mesh):
+    import yaml
+
+    return int(yaml.safe_load((HERE.parent / "config" / "ttnn" / f"{mesh}.yaml").read_text())["max_batch"])
+
+
+def _check_batch(summary, raw):
+    """The batch captures' counts against independent counts; AssertionError on the first mismatch."""
+    from collections import Counter
+
+    mb = _max_batch("N300")
+    caps = summary["batch"]
+    assert [c["size"] for c in caps] == [2, mb]
+    single = summary["stages"]
+    plain_step_ops = Counter(o["step"] for o in raw["ops"] if o["stage"] == "decode")
+    assert sorted(plain_step_ops) == list(range(1, 7))
+    layers = summary["info"]["llm_layers"]
+    vision_upload = [t[3] for t in raw["transfers"] if t[0] == "h2d" and t[1] == "vision" and not t[4]]
+    for c, rc in zip(caps, raw["batch"]):
+        b = c["size"]
+        ops = rc["ops"]
+        # one prefill per item, in slots 0..B-1, each filling its own slot: 2 fill_cache (K, V) per layer
+        assert {o["step"] for o in ops if o["stage"] == "batch_prefill"} == set(range(b))
+        fills = Counter(map(tuple, c["fill_cache_slots"]))
+        assert fills == {(i, i): 2 * layers for i in range(b)}, fills
+        fill_ops = Counter(o["step"] for o in ops
+                           if o["stage"] == "batch_prefill" and o["name"] == "UpdateKVCacheOperation")
+        assert fill_ops == {i: 2 * layers for i in range(b)}, fill_ops
+        # each item's prefill = the single action's prefill + the slice of its patches from the batch
+        assert [it["device_ops"] for it in c["items"]] == [single["prefill"].device_ops + 1] * b
+        # ONE batched vision pass (not B): the single vision's ops + the prefix rows concatenated per item
+        assert c["stage_ops"]["vision"] == single["vision"].device_ops + 1
+        # weights read once for all images (B reads would be B x): the one extra read is the prefix rows'
+        # (1, 1, 32, width) constant that the concat copies per item
+        assert single["vision"].weight_bytes <= c["vision_weight_bytes"] < 1.01 * single["vision"].weight_bytes
+        assert c["stage_ops"]["projector"] == single["projector"].device_ops
+        # the decode steps run ONCE for all rows: step k has the single action's step k's device ops
+        assert c["decode_steps_run"] == 6
+        assert c["decode_step_ops"] == [plain_step_ops[k] for k in range(1, 7)]
+        assert c["stage_ops"]["tokens"] == single["tokens"].device_ops
+        assert c["tokens_shape"] == [b, 7]
+        # host traffic of a batch
+        io = c["io"]
+        want = {"h2d batch_vision": 1, "h2d batch_start": 2, "d2h batch_tokens": 1,
+                **{f"h2d batch_prefill#{i}": 2 for i in range(b)}}
+        assert dict(io["by_stage"]) == want, io
+        assert (io["h2d"], io["d2h"], io["outside_stages"]) == (2 * b + 3, 1, 0), io
+        assert io["d2h_bytes"] == 7 * mb * 4, io  # (1, 7, max_batch) uint32 in one read
+        up = [t[3] for t in rc["transfers"] if t[1] == "batch_vision" and t[0] == "h2d"]
+        assert up == [b * vision_upload[0]], (up, vision_upload)  # the B images' patches in one upload
+        assert c["unattributed_ops"] == 0
+
+
+def _check_batch_model(summary, sizes):
+    """batch_model's rows = the sum of their parts (recomputed here from the captures and the single action)."""
+    from openvla_model.backends.ttnn.op_report import action_model, batch_model
+
+    mb = _max_batch("N300")
+    caps = {c["size"]: c for c in summary["batch"]}
+    act = action_model(summary)
+    m = batch_model(summary, sizes)
+    assert [r["batch"] for r in m["rows"]] == sorted(set(sizes) | {1})
+
+    def vp(b):
+        if b == 1:
+            return act["stage_ms"]["vision"] + act["stage_ms"]["projector"]
+        if b in caps:
+            return caps[b]["stage_ms"]["vision"] + caps[b]["stage_ms"]["projector"]
+        lo, hi = max(k for k in [1, *caps] if k < b), min(k for k in caps if k > b)
+        return vp(lo) + (b - lo) / (hi - lo) * (vp(hi) - vp(lo))
+
+    def group(b):
+        if b == 1:
+            return act["action_ms"]
+        c = caps.get(b, caps[mb])
+        return (vp(b) + sum(it["prefill_ms"] for it in c["items"][:b]) + c["start_ms"]
+                + 6 * c["stage_ms"]["decode"] + c["stage_ms"]["tokens"])
+
+    base = None
+    for r in m["rows"]:
+        b = r["batch"]
+        want = (b // mb) * group(mb) + (group(b % mb) if b % mb else 0.0)
+        assert r["batch_ms"] == pytest.approx(want, rel=1e-9), (b, r["batch_ms"], want)
+        assert r["per_robot_latency_ms"] == r["batch_ms"]  # every robot's action ends with the batch
+        assert r["actions_per_s"] == pytest.approx(b * 1e3 / want, rel=1e-9)
+        base = base or r
+        assert r["throughput_vs_batch1"] == pytest.approx(r["actions_per_s"] / base["actions_per_s"], rel=1e-9)
+    assert m["rows"][0]["batch_ms"] == pytest.approx(act["action_ms"], rel=1e-12)  # B = 1 is the report's action
+    return m
+
+
+@pytest.mark.slow
+def test_batch_capture_counts_match_independent_counts(n300_report, n300_raw):
+    from openvla_model.backends.ttnn.op_report import format_report, to_json
+
+    _check_batch(n300_report, n300_raw)
+    m = _check_batch_model(n300_report, [1, 2, 3, 4, 8])  # 3: interpolated vision; 8: two groups of 4
+    assert m["rows"][-1]["groups"] == 2
+    text = format_report(n300_report, [1, 2, 4])
+    section = text[text.index("Several robots"):]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [int(ln.split("|")[1]) for ln in rows] == [1, 2, 4]
+    assert "every robot's action completes at the end of the batch's decode" in section
+    j = to_json(n300_report, [1, 2, 4])
+    assert [r["batch"] for r in j["batch"]["model"]["rows"]] == [1, 2, 4]
+    print("\n" + section)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["one prefill missing", "every prefill into slot 0", "vision run per item",
+                                   "an extra op in decode step 3", "positions written per item",
+                                   "tokens read per row"])
+def test_batch_check_fails_on_an_injected_fault(n300_raw, fault):
+    """The same check on the captured records with one fault injected (re-summarised): it must fail."""
+    import copy
+
+    from openvla_model.backends.ttnn.op_report import summarise
+
+    raw = copy.deepcopy(n300_raw)
+    cap = raw["batch"][-1]
+    ops, tr = cap["ops"], cap["transfers"]
+    if fault == "one prefill missing":
+        cap["ops"] = [o for o in ops if not (o["stage"] == "batch_prefill" and o["step"] == 3)]
+        cap["transfers"] = [t for t in tr if not (t[1] == "batch_prefill" and t[2] == 3)]
+    elif fault == "every prefill into slot 0":
+        cap["fill_cache_slots"] = [[i, 0] for i, _ in cap["fill_cache_slots"]]
+    elif fault == "vision run per item":
+        vis = [o for o in ops if o["stage"] == "batch_vision"]
+        cap["ops"] = vis * (cap["size"] - 1) + ops
+    elif fault == "an extra op in decode step 3":
+        ops.append(next(o for o in ops if o["stage"] == "batch_decode" and o["step"] == 3))
+    elif fault == "positions written per item":
+        tr += [t for t in tr if t[1] == "batch_start"] * (cap["size"] - 1)
+    else:
+        tr += [t for t in tr if t[0] == "d2h"] * (cap["size"] - 1)
+    with pytest.raises(AssertionError):
+        _check_batch(summarise(raw), raw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["decode steps per item", "start positions left out", "a prefill per group",
+                                   "vision of batch 1 for every size"])
+def test_batch_model_check_fails_on_an_injected_fault(n300_report, fault, monkeypatch):
+    """batch_model with one fault injected into its parts (the captures it reads): the sum check must fail."""
+    import copy
+
+    import openvla_model.backends.ttnn.op_report as rep
+
+    summary = dict(n300_report)
+    summary["batch"] = copy.deepcopy(n300_report["batch"])
+    orig = rep.batch_model
+
+    def faulty(s, sizes=None):
+        m = orig(s, sizes)
+        for r in m["rows"]:
+            g = r["group_parts"]
+            if fault == "decode steps per item":
+                r["batch_ms"] += sum(x["decode_ms"] * (len(x["prefill_ms"]) - 1) for x in g)
+            elif fault == "start positions left out":
+                r["batch_ms"] -= sum(x["start_ms"] for x in g)
+            elif fault == "a prefill per group":
+                r["batch_ms"] -= sum(sum(x["prefill_ms"][1:]) for x in g)
+            else:
+                r["batch_ms"] -= sum(x["vision_ms"] - rep.action_model(s)["stage_ms"]["vision"] for x in g)
+            r["per_robot_latency_ms"] = r["batch_ms"]
+            r["actions_per_s"] = r["batch"] * 1e3 / r["batch_ms"]
+        return m
+    monkeypatch.setattr(rep, "batch_model", faulty)
+    with pytest.raises(AssertionError):
+        _check_batch_model(summary, [1, 2, 4])
+
+
+def test_op_report_batch_option_refuses_bad_sizes_in_one_line(capsys):
+    """--batch is parsed before any mock run: a bad list exits 2 with one line (openvla-bench's parser)."""
+    from openvla_model.backends.ttnn.op_report import main
+
+    assert main(["--mesh-device", "N300", "--batch", "1,x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --batch '1,x'"), err
+
+
+def test_bench_report_ops_batch_reaches_the_op_report(monkeypatch):
+    """`openvla-bench --backend ttnn --mesh-device N300 --report ops --batch 1,2,4`: the op report with those rows."""
+    import openvla_model.backends.ttnn.op_report as rep
+    from openvla_model import bench
+
+    seen = []
+    monkeypatch.setattr(rep, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert bench.main(["--backend", "ttnn", "--mesh-device", "N300", "--report", "ops", "--batch", "1,2,4"]) == 0
+    assert seen == [["--mesh-device", "N300", "--batch", "1,2,4"]]

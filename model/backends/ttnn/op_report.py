@@ -1,7 +1,7 @@
 """TT-NN op and byte report: the backend's REAL op graph counted on a mock mesh, and a cost model.
 
     python -m openvla_model.backends.ttnn.op_report --mesh-device N300      # or T3K
-    (also `openvla-bench --backend ttnn --mesh-device N300 --report ops [--oft]`)
+    (also `openvla-bench --backend ttnn --mesh-device N300 --report ops [--oft] [--batch 1,2,4]`)
 
 What it does
 1. Opens a MOCK Wormhole mesh (N300 = 1x2, T3K = 1x8; test/ttnn_mock/: cluster descriptor +
@@ -38,6 +38,18 @@ proprio, 8 x 7 action rows; the bidirectional prefill; the L1 head on the device
 oft_*, counted the same way, and the "OpenVLA-OFT chunk" section: modelled ms per chunk and per
 executed action (chunk / T) beside the plain action (oft_model). Not run by default.
 
+Several robots (issue 14; `--batch 1,2,4`, also `openvla-bench ... --report ops --batch 1,2,4`):
+after the single actions (their records and tables unchanged), one `generate_batch` of B = 2 and
+one of B = max_batch items (N300 4, T3K 8; prompts of mixed lengths, BATCH_PROMPT_OFFSETS) are
+captured, each in its own graph capture, in stages batch_vision / batch_projector (one batched
+pass), batch_prefill#i (item i's prefill into KV slot i), batch_start (the decode start positions,
+written once), batch_decode#k (all max_batch rows at once), batch_tokens (one read). Each part is
+summarised like an action (_summarise_batch: same cost model, same extrapolation) and
+batch_model() gives per B the batch's wall time (= every robot's latency: all actions complete at
+the end of the batch's decode), the aggregate actions/s and the ratios to batch 1; sizes not
+captured are derived as batch_model() documents (vision interpolated, prefills per item, groups of
+max_batch).
+
 The cost model is arithmetic, not a measurement: see COST_MODEL and `calibration()`; a card's
 profiler replaces it. Nothing here is imported by the backend itself.
 """
@@ -72,6 +84,15 @@ STAGES = ("vision", "projector", "prefill", "decode", "tokens")
 DRAFT_ON_MOCK = [0, 0, 0, 1, 1, 1]
 DRAFT_ACCEPTED = (0, 3, 6)  # accepted counts modelled against the plain action (issue 13)
 MARK = "openvla::"
+# Several robots (issue 14): after the single actions, one generate_batch of B = 2 and one of
+# B = max_batch items (N300 4, T3K 8) are captured, prompts of mixed lengths (the single action's
+# prompt + these offsets, in turn: sequences in different 32-row prefill buckets). Stages:
+# batch_vision, batch_projector (one batched pass), batch_prefill#i (item i's prefill into slot i:
+# its ids + LM-head row written, its patches sliced, the prefill, its token 1), batch_start (the
+# decode start positions of every row, written once), batch_decode#k, batch_tokens.
+BATCH_PHASE = "batch_"
+BATCH_PROMPT_OFFSETS = (0, 18, -8, 10)
+BATCH_STAGES = ("vision", "projector", "decode", "tokens")
 
 # ---- cost model --------------------------------------------------------------------------------
 # One Wormhole chip (n300 has two, a T3K eight). Sources:
@@ -394,8 +415,10 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                 kv[str(ttnn.get_device_tensors(t)[0].buffer_address())] = f"llm.{i}.{which}"
             layer.decode = _scoped(ttnn, f"layer={i}", layer.decode)
             layer.prefill = _scoped(ttnn, f"layer={i}", layer.prefill)
+        block_counters = []
         for j, tower in enumerate([backend.vision]):  # one op sequence: the towers split over the chips
             counter = {"n": 0}
+            block_counters.append(counter)
 
             def block_attention(x, blk, _orig=tower._attention, _j=j, _c=counter):
                 # marks where block n's attention starts; one whole block = the ops from block
@@ -410,21 +433,38 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
         state = {"step": 0}
         # phase "": the plain action; "draft_": the drafted one (its stages are named draft_*; the
         # verification, from the drafted prefill to the start token written back, is draft_prefill)
-        phase = {"p": "", "verify": False}
+        phase = {"p": "", "verify": False, "item": None}
         vision = backend.vision
         backend.vision = _scoped(ttnn, lambda: f"stage={phase['p']}vision", backend.vision)
         backend.projector = _scoped(ttnn, lambda: f"stage={phase['p']}projector", backend.projector)
+        def prefill_label():
+            if phase["p"] != BATCH_PHASE:
+                return f"stage={phase['p']}prefill"
+            # the batch: each item's prefill apart (#slot); the decode start positions of all rows
+            # (written once after every prefill) as "batch_start"
+            return "stage=batch_start" if phase["item"] is None else f"stage=batch_prefill#{phase['item']}"
         for name in ("embed_sequence", "set_decode_start", "prefill", "prefill_token", "draft_predictions",
                      "set_start_token"):
-            setattr(llm, name, _scoped(ttnn, lambda: f"stage={phase['p']}prefill", getattr(llm, name)))
+            setattr(llm, name, _scoped(ttnn, prefill_label, getattr(llm, name)))
+        orig_item_prefill = backend._prefill
+
+        def item_prefill(*a, slot=0, **k):
+            phase["item"] = slot if phase["p"] == BATCH_PHASE else None
+            try:
+                return orig_item_prefill(*a, slot=slot, **k)
+            finally:
+                phase["item"] = None
+        backend._prefill = item_prefill
         orig_step = llm.feedback_step
 
         def feedback_step(k):
             if not phase["p"]:
                 state["step"] = k + 1
+            elif phase["p"] == BATCH_PHASE:
+                state["batch_steps"] = k + 1
             return _scoped(ttnn, f"stage={phase['p']}decode#{k + 1}", orig_step)(k)
         llm.feedback_step = feedback_step
-        for name in ("gather_tokens", "read_tokens"):
+        for name in ("gather_tokens", "read_tokens", "read_token_rows"):
             setattr(llm, name, _scoped(ttnn, lambda: "stage=draft_prefill" if phase["verify"]
                                        else f"stage={phase['p']}tokens", getattr(llm, name)))
         orig_verify = backend._verify_drafts
@@ -462,6 +502,42 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
             graph = ttnn.graph.end_graph_capture()
         ops, transfers = parse_graph(graph)
         length = llm.sequence_length(ids.size, vision.num_patches)
+        # Several robots (issue 14), after the single actions (their records above are unchanged):
+        # one generate_batch of B = 2 and of B = max_batch items, each under its own graph capture.
+        phase["p"] = BATCH_PHASE
+        batches = []
+        fills = []  # (item whose prefill runs, KV-cache slot passed to ttnn.fill_cache), per call
+        orig_fill = ttnn.fill_cache
+
+        def fill_cache(cache, x, slot, *a, **k):
+            fills.append((phase["item"], int(slot)))
+            return orig_fill(cache, x, slot, *a, **k)
+        ttnn.fill_cache = fill_cache
+        try:
+            for size in batch_capture_sizes(llm.batch):
+                prompts = batch_prompt_tokens(prompt_tokens, size)
+                items = [np.array([1] + [100 + i for i in range(n - 2)] + [29871], np.int64) for n in prompts]
+                state["batch_steps"] = 0
+                fills.clear()
+                for counter in block_counters:  # the batch's vision blocks numbered from 0 (_vision_block_costs)
+                    counter["n"] = 0
+                ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
+                try:
+                    t2 = time.perf_counter()
+                    tokens, _, _ = backend.generate_batch(torch.zeros(size, 6, 224, 224), items, 1 + DECODE_STEPS)
+                    batch_s = time.perf_counter() - t2
+                finally:
+                    bgraph = ttnn.graph.end_graph_capture()
+                b_ops, b_transfers = parse_graph(bgraph)
+                batches.append({"size": size, "max_batch": llm.batch, "prompt_tokens": prompts,
+                                "sequence_lengths": [llm.sequence_length(n, vision.num_patches) for n in prompts],
+                                "tokens_shape": list(np.asarray(tokens).shape),
+                                "decode_steps_run": state["batch_steps"],
+                                "generate_s": round(batch_s, 1), "graph_nodes": len(bgraph),
+                                "fill_cache_slots": [list(f) for f in fills],
+                                "ops": [o.__dict__ for o in b_ops], "transfers": b_transfers})
+        finally:
+            ttnn.fill_cache = orig_fill
         info = {
             "mesh": mesh_name, "num_devices": backend.mesh.num_devices, "llm_layers": len(llm.layers),
             "vision_blocks": [len(vision.blocks)],  # per chip: the deeper tower's blocks (vision.py)
@@ -475,7 +551,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
     finally:
         backend.close()
     raw = {"info": info, "weights": registry, "kv": kv,
-           "ops": [o.__dict__ for o in ops], "transfers": transfers}
+           "ops": [o.__dict__ for o in ops], "transfers": transfers, "batch": batches}
     if oft:
         o = capture_oft(mesh_name, config, prompt_tokens, decode_matmul)
         info["oft"] = o["info"]
@@ -582,6 +658,16 @@ def capture_oft(mesh_name: str, config, prompt_tokens: int = 22, decode_matmul: 
     finally:
         model.close()
     return {"info": info, "weights": registry, "kv": kv, "ops": [o.__dict__ for o in ops], "transfers": transfers}
+
+
+def batch_capture_sizes(max_batch: int) -> list:
+    """The batch sizes captured: 2 and max_batch (none above max_batch, none of 1: the single action)."""
+    return sorted({b for b in (2, int(max_batch)) if 1 < b <= int(max_batch)})
+
+
+def batch_prompt_tokens(prompt_tokens: int, size: int) -> list:
+    """Prompt lengths (in tokens) of a captured batch's items: mixed, item 0 the single action's."""
+    return [max(3, prompt_tokens + BATCH_PROMPT_OFFSETS[i % len(BATCH_PROMPT_OFFSETS)]) for i in range(size)]
 
 
 def _full_blocks(tower_cfg, image_size: int) -> int:
@@ -803,7 +889,199 @@ def summarise(raw: dict) -> dict:
             "oft_prefill_ops_per_layer": scale.get("oft_prefill", [0])[0] if scale.get("oft_prefill") else 0,
             "oft_prefill_collectives_per_layer": per_layer_coll["oft_prefill"].get(0, 0),
             "oft_io": _oft_io(raw["transfers"]),
-            "syncs_per_action": sum(info["syncs"].values())}
+            "syncs_per_action": sum(info["syncs"].values()),
+            **({"batch": [_summarise_batch(raw, b) for b in raw["batch"]]} if raw.get("batch") else {})}
+
+
+def _pick(raw: dict, capture: dict, keep) -> dict:
+    """A raw record set of ONE batch capture's records renamed to the single action's stages:
+    keep(stage, step) -> (new stage, new step) or None (dropped). Summarised by summarise() as if
+    it were an action (same cost model, same extrapolation to the full depth)."""
+    def ren(stage, step):
+        return keep(stage, step) if stage else None
+    ops = []
+    for o in capture["ops"]:
+        r = ren(o["stage"], o["step"])
+        if r:
+            ops.append({**o, "stage": r[0], "step": r[1]})
+    transfers = []
+    for kind, st, step, nbytes, internal in capture["transfers"]:
+        r = ren(st, step)
+        if r:
+            transfers.append((kind, r[0], r[1], nbytes, internal))
+    info = {k: v for k, v in raw["info"].items() if k != "oft"}
+    info["syncs"] = {}
+    return {"info": info, "weights": raw["weights"], "kv": raw["kv"], "ops": ops, "transfers": transfers}
+
+
+def _summarise_batch(raw: dict, capture: dict) -> dict:
+    """One captured generate_batch of B items: its batched stages (vision, projector, decode step,
+    tokens), each item's prefill and the decode start, each summarised by summarise() on its own
+    records (so extrapolated to the full depth exactly as the single action). The decode step's
+    KV term uses the single action's positions for every row (the whole cache of max_batch slots
+    at rows 0..p: exact for a full batch of such prompts; ~1 % of a step)."""
+    size = capture["size"]
+    shared = {BATCH_PHASE + s: s for s in BATCH_STAGES}
+    base = summarise(_pick(raw, capture, lambda st, step: (shared[st], step) if st in shared else None))
+    items = []
+    for i in range(size):
+        one = summarise(_pick(raw, capture, lambda st, step, _i=i: ("prefill", None)
+                              if st == BATCH_PHASE + "prefill" and step == _i else None))
+        c = one["stages"]["prefill"]
+        items.append({"slot": i, "prompt_tokens": capture["prompt_tokens"][i],
+                      "sequence_length": capture["sequence_lengths"][i], "device_ops": c.device_ops,
+                      "ops_per_layer": one["prefill_ops_per_layer"], "collectives": c.collectives,
+                      "h2d": c.h2d, "d2h": c.d2h, "internal_uploads": c.op_internal_uploads,
+                      "prefill_ms": c.modelled_us / 1e3})
+    start = summarise(_pick(raw, capture, lambda st, step: ("prefill", None) if st == BATCH_PHASE + "start"
+                            else None))["stages"]["prefill"]
+    st = base["stages"]
+    io = {"by_stage": Counter(), "h2d": 0, "d2h": 0, "h2d_bytes": 0.0, "d2h_bytes": 0.0, "inside_ops": 0,
+          "outside_stages": 0}
+    for kind, stage, step, nbytes, internal in capture["transfers"]:
+        if internal:
+            io["inside_ops"] += 1
+            continue
+        if not (stage or "").startswith(BATCH_PHASE):
+            io["outside_stages"] += 1
+            continue
+        io[kind] += 1
+        io[kind + "_bytes"] += nbytes
+        io["by_stage"][f"{kind} {stage}" + ("" if step is None or stage.endswith("decode") else f"#{step}")] += 1
+    steps = sorted({o["step"] for o in capture["ops"] if o["stage"] == BATCH_PHASE + "decode"})
+    step_ops = [sum(1 for o in capture["ops"] if o["stage"] == BATCH_PHASE + "decode" and o["step"] == k)
+                for k in steps]
+    unattributed = sum(1 for o in capture["ops"] if not (o["stage"] or "").startswith(BATCH_PHASE))
+    return {"size": size, "max_batch": capture["max_batch"], "prompt_tokens": capture["prompt_tokens"],
+            "sequence_lengths": capture["sequence_lengths"], "generate_s": capture["generate_s"],
+            "decode_steps_run": capture["decode_steps_run"], "tokens_shape": capture["tokens_shape"],
+            "stage_ms": {s: st[s].modelled_us / 1e3 for s in BATCH_STAGES},
+            "stage_ops": {s: st[s].device_ops for s in BATCH_STAGES},
+            "vision_weight_bytes": st["vision"].weight_bytes, "decode_step_ops": step_ops,
+            "decode_ops_per_layer": base["decode_ops_per_layer"],
+            "items": items, "fill_cache_slots": capture.get("fill_cache_slots", []),
+            "start_ms": start.modelled_us / 1e3, "start_ops": start.device_ops,
+            "start_h2d": start.h2d, "io": io, "unattributed_ops": unattributed, "notes": base["notes"]}
+
+
+def batch_sizes_default(max_batch: int) -> list:
+    """1, 2, 4, ... up to max_batch (N300: 1, 2, 4; T3K: 1, 2, 4, 8)."""
+    out, b = [], 1
+    while b <= max_batch:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def batch_model(summary: dict, sizes=None) -> dict:
+    """Several robots on the same cost model, per batch size B (generate_batch: groups of max_batch
+    items, one after the other; per group ONE batched vision + projector pass, one prefill per
+    item, the decode start positions written once, DECODE_STEPS decode steps for all max_batch rows
+    at once, the tokens gathered and read once):
+      group(b items) = vision(b) + projector(b) + sum of the b items' prefills + start
+                       + DECODE_STEPS x decode step + tokens
+      batch(B)       = group(max_batch) x (B // max_batch) + group(B % max_batch)
+    Every robot's action completes at the end of its batch (the tokens of all rows come back in
+    the one read after the last decode step, and generate_batch returns after its last group):
+    per-robot latency = batch(B); aggregate = B / batch(B). Sources:
+    - B = 1: the single action (captured: generate() is generate_batch of one); its row equals the
+      report's action exactly.
+    - vision(b), projector(b): captured at b = 1, 2 and max_batch; any other b linearly
+      interpolated between the nearest captured sizes (the batched ops' activations and math grow
+      with b, their weight reads and op count do not: linear in b for an op that stays memory- or
+      compute-bound).
+    - item i's prefill: captured (item i of the largest capture: prompts of mixed lengths, item i
+      of a batch of B < max_batch has the same prompt); items beyond max_batch repeat items
+      0..max_batch-1 (groups of the same prompts).
+    - the decode step, start and tokens: the largest capture's (the decode step runs max_batch
+      rows whatever b: checked equal to the single action's op by op in the tests)."""
+    caps = {c["size"]: c for c in summary.get("batch") or []}
+    single = action_model(summary)
+    ms1 = single["stage_ms"]
+    max_batch = caps[max(caps)]["max_batch"] if caps else 1
+    big = caps.get(max_batch)
+    vis = {1: (ms1["vision"], ms1["projector"])}
+    for b, c in caps.items():
+        vis[b] = (c["stage_ms"]["vision"], c["stage_ms"]["projector"])
+
+    def vision(b):
+        if b in vis:
+            return vis[b], "captured"
+        lo = max(k for k in vis if k < b)
+        hi = min((k for k in vis if k > b), default=None)
+        if hi is None:
+            raise ValueError(f"batch {b}: no captured batch above it")
+        f = (b - lo) / (hi - lo)
+        return tuple(vis[lo][j] + f * (vis[hi][j] - vis[lo][j]) for j in range(2)), f"interpolated {lo}..{hi}"
+
+    def group(b):
+        (v, p), how = vision(b)
+        if b == 1:
+            return {"vision_ms": v, "projector_ms": p, "prefill_ms": [ms1["prefill"]], "start_ms": 0.0,
+                    "decode_ms": DECODE_STEPS * ms1["decode"], "tokens_ms": ms1["tokens"], "vision_source": how,
+                    "source": "single action (captured)"}
+        cap = caps.get(b, big)
+        return {"vision_ms": v, "projector_ms": p, "prefill_ms": [it["prefill_ms"] for it in cap["items"][:b]],
+                "start_ms": cap["start_ms"], "decode_ms": DECODE_STEPS * cap["stage_ms"]["decode"],
+                "tokens_ms": cap["stage_ms"]["tokens"], "vision_source": how,
+                "source": f"batch of {cap['size']} (captured)" if cap["size"] == b else
+                f"batch of {cap['size']} (captured), items 0..{b - 1}"}
+
+    def total(g):
+        return (g["vision_ms"] + g["projector_ms"] + sum(g["prefill_ms"]) + g["start_ms"] + g["decode_ms"]
+                + g["tokens_ms"])
+
+    sizes = sorted(set(sizes or batch_sizes_default(max_batch)) | {1})
+    rows = []
+    for b in sizes:
+        full, rest = divmod(b, max_batch)
+        groups = [group(max_batch)] * full + ([group(rest)] if rest else [])
+        batch_ms = sum(total(g) for g in groups)
+        rows.append({"batch": b, "groups": len(groups), "group_parts": groups, "batch_ms": batch_ms,
+                     "per_robot_latency_ms": batch_ms, "actions_per_s": b * 1e3 / batch_ms})
+    base = rows[0]
+    for r in rows:
+        r["throughput_vs_batch1"] = r["actions_per_s"] / base["actions_per_s"]
+        r["latency_vs_batch1"] = r["batch_ms"] / base["batch_ms"]
+    return {"max_batch": max_batch, "captured": sorted([1] + list(caps)), "rows": rows,
+            "single_action_ms": single["action_ms"]}
+
+
+def format_batch(summary: dict, sizes=None) -> list:
+    """The "Several robots" section of the printed report (batch_model's rows)."""
+    m = batch_model(summary, sizes)
+    caps = summary.get("batch") or []
+    lines = ["", f"Several robots (issue 14; generate_batch, max_batch {m['max_batch']} on this mesh; same cost "
+             "model): "
+             f"captured B = {', '.join(map(str, m['captured']))} (B = 1: the single action above)"]
+    for c in caps:
+        io = c["io"]
+        where = ", ".join(f"{n} {k}" for k, n in sorted(io["by_stage"].items()))
+        items = "; ".join(f"{it['prompt_tokens']} tok -> L {it['sequence_length']}: {it['device_ops']} ops, "
+                          f"{it['prefill_ms']:.1f} ms" for it in c["items"])
+        lines.append(f"captured batch of {c['size']}: vision {c['stage_ops']['vision']} ops "
+                     f"{c['stage_ms']['vision']:.2f} ms, "
+                     f"projector {c['stage_ops']['projector']} ops {c['stage_ms']['projector']:.2f} ms; prefills "
+                     f"[{items}]; decode start {c['start_h2d']} writes; decode step {c['stage_ops']['decode']} ops "
+                     f"{c['stage_ms']['decode']:.2f} ms x {c['decode_steps_run']} steps; tokens "
+                     f"{c['stage_ms']['tokens']:.2f} ms; host transfers {io['h2d']} writes, {io['d2h']} reads "
+                     f"[{where}]")
+    lines += ["| batch B | groups | vision + projector ms | prefills ms | decode ms | batch ms | per-robot latency ms "
+              "| aggregate actions/s | x batch 1 actions/s | x batch 1 latency | source |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+        g = r["group_parts"]
+        vp = sum(x["vision_ms"] + x["projector_ms"] for x in g)
+        pre = sum(sum(x["prefill_ms"]) + x["start_ms"] for x in g)
+        dec = sum(x["decode_ms"] + x["tokens_ms"] for x in g)
+        src = "; ".join(sorted({f"{x['source']}, vision {x['vision_source']}" for x in g}))
+        lines.append(f"| {r['batch']} | {r['groups']} | {vp:.1f} | {pre:.1f} | {dec:.1f} | {r['batch_ms']:.1f} | "
+                     f"{r['per_robot_latency_ms']:.1f} | {r['actions_per_s']:.2f} | {r['throughput_vs_batch1']:.2f}x | "
+                     f"{r['latency_vs_batch1']:.2f}x | {src} |")
+    lines.append("per-robot latency = the batch's wall time: every robot's action completes at the end of the "
+                 "batch's decode (all rows' tokens come back in one read after the last step; with more robots "
+                 "than max_batch, after the last group); decode = 6 steps of all max_batch rows + the token read")
+    return lines
 
 
 def _oft_io(transfers) -> dict:
@@ -997,7 +1275,8 @@ def _action_io_line(summary: dict) -> str:
             f"({io['d2h_bytes']:.0f} B) [{where}]; synchronize_device calls: {summary['syncs_per_action']}")
 
 
-def format_report(summary: dict) -> str:
+def format_report(summary: dict, batch_sizes=None) -> str:
+    """The printed report; batch_sizes: the "Several robots" rows (default 1, 2, 4.. max_batch)."""
     info, st = summary["info"], summary["stages"]
     act = action_model(summary)
     lines = [
@@ -1076,13 +1355,15 @@ def format_report(summary: dict) -> str:
                      f"{1e3 / dm['plain_action_ms']:.2f} | 1.000x |")
     if "oft" in summary["info"]:
         lines += format_oft(summary)
+    if summary.get("batch"):
+        lines += format_batch(summary, batch_sizes)
     for n in summary["notes"]:
         lines.append(f"note: {n}")
     return "\n".join(lines)
 
 
-def to_json(summary: dict) -> dict:
-    out = {k: v for k, v in summary.items() if k != "stages"}
+def to_json(summary: dict, batch_sizes=None) -> dict:
+    out = {k: v for k, v in summary.items() if k not in ("stages", "batch")}
     out["action_io"] = {**summary["action_io"], "by_stage": dict(summary["action_io"]["by_stage"])}
     out["stages"] = {s: {**{k: v for k, v in c.__dict__.items() if k not in ("by_op", "time_parts")},
                          "by_op": dict(c.by_op), "time_parts": dict(c.time_parts)}
@@ -1096,6 +1377,10 @@ def to_json(summary: dict) -> dict:
         out["oft_io"] = {**summary["oft_io"], "by_stage": dict(summary["oft_io"]["by_stage"])}
     else:
         out.pop("oft_io", None)
+    if summary.get("batch"):
+        out["batch"] = {"captures": [{**c, "io": {**c["io"], "by_stage": dict(c["io"]["by_stage"])}}
+                                     for c in summary["batch"]],
+                        "model": batch_model(summary, batch_sizes)}
     out["calibration"] = CALIBRATION
     return out
 
@@ -1170,6 +1455,9 @@ def main(argv=None) -> int:
     p.add_argument("--oft", action="store_true",
                    help="also capture one OpenVLA-OFT chunk (LIBERO: 2 images, proprio, 8 x 7) and add the "
                         "'OpenVLA-OFT chunk' section (modelled ms per chunk and per action beside OpenVLA)")
+    p.add_argument("--batch", default=None, metavar="B[,B]",
+                   help="batch sizes of the 'Several robots' table (default 1,2,4 on N300, 1,2,4,8 on T3K; "
+                        "1 always added: the ratios' baseline; more than max_batch runs in groups)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--raw-out", default=None, help=argparse.SUPPRESS)  # subprocess: raw capture
@@ -1184,6 +1472,15 @@ def main(argv=None) -> int:
     if args.llm_layers < 1 or args.llm_layers > FULL_LLM_LAYERS or args.vision_depth in (1, 2) or args.vision_depth < 0:
         print("error: --llm-layers must be 1..32 and --vision-depth 0 (full) or >= 3", file=sys.stderr)
         return 2
+    sizes = None
+    if args.batch is not None:
+        from ...bench import parse_batch  # the one parser of --batch (openvla-bench's)
+
+        try:
+            sizes = parse_batch(args.batch)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         if args.raw_out:  # the subprocess half: capture on the mock mesh, write the raw records
             raw = capture(mesh, args.llm_layers, args.vision_depth or None, args.prompt_tokens, args.decode_matmul,
@@ -1196,9 +1493,9 @@ def main(argv=None) -> int:
     except OpenVLAError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_report(summary))
+    print(format_report(summary, sizes))
     if args.json:
-        Path(args.json).write_text(json.dumps(to_json(summary), indent=1, default=str))
+        Path(args.json).write_text(json.dumps(to_json(summary, sizes), indent=1, default=str))
     return 0
 
 
