@@ -74,6 +74,13 @@ def test_profile_errors_name_file_and_key(tmp_path):
         load_profile("N300", tmp_path)
     with pytest.raises(BackendError, match="no TT-NN precision profile for mesh 'T3K'"):
         load_profile("T3K", tmp_path)
+    # max_batch: the KV-cache slots / decode rows (several robots), an integer 1..32
+    for bad in ("0", "33", "true", "2.5", "'4'"):
+        (tmp_path / "N300.yaml").write_text(text.replace("max_batch: 4", f"max_batch: {bad}"))
+        with pytest.raises(BackendError, match="N300.yaml: max_batch must be an integer 1..32"):
+            load_profile("N300", tmp_path)
+    assert load_profile("N300").max_batch == 4 and load_profile("T3K").max_batch == 8
+    assert load_profile("N300", overrides={"max_batch": 1}).max_batch == 1
 
 
 def test_node_precision_parameters_override_the_profile():
