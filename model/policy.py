@@ -171,6 +171,9 @@ class OpenVLAPolicy:
                 rgb, instruction, unnorm_key, draft = _as_item(item)
                 key = self.codec.resolve_key(unnorm_key if unnorm_key else self.default_unnorm_key)
                 ids = self.prompt_ids(instruction)
+                check = getattr(self.backend, "check_prompt", None)
+                if check is not None:  # a backend's own tighter limit (TT-NN: its KV cache), per item
+                    check(ids, self.config.action_dim)
                 pixels = self.preprocessor(rgb)
             except OpenVLAError as e:
                 outcomes[n] = e

@@ -153,10 +153,11 @@ def test_golden_batch_traces_replay_per_slot_with_one_read(tiny_weights, tiny_po
 
 def test_golden_policy_predict_batch_on_ttnn_equals_predict(tiny_policy, tiny_weights):
     """The policy hands a batch to the TT-NN backend's generate_batch (one call) and a bad item
-    fails alone: every good item's action equals the torch policy's predict for it alone."""
+    (a bad image; an instruction too long for the TT-NN KV cache only) fails alone: every good
+    item's action equals the torch policy's predict for it alone."""
     from ttnn_golden.emulator import GoldenTTNN
 
-    from openvla_model.errors import OpenVLAError
+    from openvla_model.errors import InputError, OpenVLAError
     from openvla_model.policy import OpenVLAPolicy
 
     p = tiny_policy
@@ -166,11 +167,17 @@ def test_golden_policy_predict_batch_on_ttnn_equals_predict(tiny_policy, tiny_we
     be.generate_batch = lambda *a, **k: calls.append(len(a[1])) or orig(*a, **k)
     try:
         policy = OpenVLAPolicy(p.config, be, p.tokenizer, p.codec, p.preprocessor)
+        # item 3: fits Llama's 2048 positions but not the TT-NN KV cache (max_seq_len 512): refused
+        # alone (backend.check_prompt), never failing the batch it would have joined
+        too_long = " ".join(["a"] * 400)  # 417 prompt tokens (799 characters: a valid instruction)
+        assert p.prompt_ids(too_long).size + 256 + 7 > be.llm.max_seq
         batch = [(_rgb(60), "pick up the red cup", "bridge_orig"), (np.zeros((5, 5), np.uint8), "bad image"),
-                 (_rgb(61), "open the drawer and move the blue block to the left of the sink", "bridge_orig")]
+                 (_rgb(61), "open the drawer and move the blue block to the left of the sink", "bridge_orig"),
+                 (_rgb(62), too_long, "bridge_orig")]
         out = policy.predict_batch(batch)
         assert calls == [2]
         assert isinstance(out[1], OpenVLAError)
+        assert isinstance(out[3], InputError) and "max_seq_len" in str(out[3]), out[3]
         for j in (0, 2):
             want = p.predict(*batch[j])
             assert out[j].tokens.tolist() == want.tokens.tolist()

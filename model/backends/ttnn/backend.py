@@ -149,6 +149,13 @@ class TtnnBackend:
         self.close()
         raise BackendError(f"TT-NN device failed during {stage}: {e} (mesh closed)") from e
 
+    def check_prompt(self, input_ids, num_tokens: int) -> None:
+        """InputError when this prompt (+ 256 patches + the action) does not fit the KV cache
+        (the profile's max_seq_len): policy.predict_batch asks it per item, so one robot's too
+        long instruction fails that robot's item only, never the batch it would have joined."""
+        ids = np.asarray(input_ids).reshape(-1)
+        self.llm.check_fits(self.llm.sequence_length(ids.size, self.num_patches), num_tokens)
+
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: np.ndarray, num_tokens: int, draft=None):
         """One action: a batch of one (slot 0; the other decode rows idle). Host traffic: the
