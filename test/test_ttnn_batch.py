@@ -184,3 +184,44 @@ def test_golden_policy_predict_batch_on_ttnn_equals_predict(tiny_policy, tiny_we
             np.testing.assert_array_equal(out[j].action, want.action)
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_golden_prefill_traces_are_bounded_least_recently_used_first(tiny_weights, tiny_policy, items, keep):
+    """max_prefill_traces bounds the prefill traces kept in the trace region: with 3, capturing a
+    4th (S, rows, slot) key releases the LEAST RECENTLY USED one (a replay counts as a use: not the
+    oldest capture), which is gone from the device's traces and captured again when it comes back;
+    with 0 the prefill runs op by op. Tokens equal torch's throughout."""
+    from ttnn_golden.trace import TracingGoldenTTNN
+
+    from openvla_model.backends.ttnn.backend import TtnnBackend
+    from openvla_model.checkpoint import Checkpoint
+
+    emu = TracingGoldenTTNN(2)
+    be = TtnnBackend(tiny_policy.config, Checkpoint(tiny_weights), mesh_device="N300", tt=emu, cache_dir=None,
+                     trace=True, profile_overrides={"max_prefill_traces": keep})
+    seq = {i: -(-(items[i][1].size + 256) // 32) * 32 for i in range(len(items))}
+    k = {i: (seq[i], 1, i) for i in range(4)}  # item i in slot i
+    c = (seq[3], 1, 0)  # item 3 alone: slot 0
+    # after each batch: the keys kept, least recently used first, and how many were released so far
+    plan = [([0, 1, 2], [k[0], k[1], k[2]], 0),
+            ([0], [k[1], k[2], k[0]], 0),  # k0 replayed: now the most recently used
+            ([3], [k[2], k[0], c], 1),  # LRU k1 released (not k0, the oldest capture)
+            ([0, 1, 2, 3], [k[1], k[2], k[3]], 4)]  # k0 replayed, then k1, k2, k3 each evict the LRU
+    try:
+        released = []
+        orig_release = emu.release_trace
+        emu.release_trace = lambda mesh, tid: released.append(tid) or orig_release(mesh, tid)
+        for n, (order, keys, n_released) in enumerate(plan):
+            px, ids = _batch(items, order)
+            tokens, _, _ = be.generate_batch(px, ids, N)
+            for row, i in zip(tokens, order):
+                assert row.tolist() == items[i][2].tolist(), (keep, n, order, i)
+            if keep:
+                assert list(be._prefill_traces) == keys and len(released) == n_released, (n, be._prefill_traces)
+                assert all(tid in emu.traces for tid, _ in be._prefill_traces.values())
+                assert not set(released) & set(emu.traces)
+            else:
+                assert not released and not be._prefill_traces
+    finally:
+        be.close()

@@ -81,6 +81,10 @@ def test_profile_errors_name_file_and_key(tmp_path):
             load_profile("N300", tmp_path)
     assert load_profile("N300").max_batch == 4 and load_profile("T3K").max_batch == 8
     assert load_profile("N300", overrides={"max_batch": 1}).max_batch == 1
+    for bad in ("-1", "true", "'8'"):
+        (tmp_path / "N300.yaml").write_text(text.replace("max_prefill_traces: 8", f"max_prefill_traces: {bad}"))
+        with pytest.raises(BackendError, match="N300.yaml: max_prefill_traces must be an integer >= 0"):
+            load_profile("N300", tmp_path)
 
 
 def test_node_precision_parameters_override_the_profile():

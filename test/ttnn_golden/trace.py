@@ -58,6 +58,7 @@ class TracingGoldenTTNN:
     def __init__(self, available_devices: int):
         self.emu = GoldenTTNN(available_devices)
         self.traces: dict[int, list] = {}
+        self._next_tid = 0
         self.capturing: int | None = None
         self.replays = 0
         self.replayed: list[int] = []  # trace ids in the order execute_trace replayed them
@@ -78,7 +79,8 @@ class TracingGoldenTTNN:
     def begin_trace_capture(self, mesh, cq_id=0):
         if self.capturing is not None:
             raise RuntimeError("begin_trace_capture while capturing")
-        tid = len(self.traces)
+        tid = self._next_tid  # unique for the device's life, as ttnn's ids (never reused after a release)
+        self._next_tid += 1
         self.traces[tid] = []
         self.capturing = tid
         return tid

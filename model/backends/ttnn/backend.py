@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 import sys
 import time
 
@@ -72,7 +73,9 @@ class TtnnBackend:
         self.mesh = None
         self._dead: str | None = None
         self._traces: dict = {}  # decode steps -> (trace id, tokens tensor): 6 plain, 6-k after k drafts
-        self._prefill_traces: dict = {}  # (padded length S, LM-head rows, slot) -> (trace id, argmax output)
+        # (padded length S, LM-head rows, slot) -> (trace id, argmax output), least recently used first;
+        # at most profile.max_prefill_traces (the trace region is shared with decode and vision)
+        self._prefill_traces: OrderedDict = OrderedDict()
         self.last_accepted = 0  # drafts accepted by the last generate()
         self.last_decode_steps = 0  # decode steps the last generate() ran (num_tokens-1-accepted)
         self.profile_stages = False  # True: synchronise after each stage (per-stage timings)
@@ -300,8 +303,10 @@ class TtnnBackend:
         traced = self._prefill_traces.get((seq, rows, slot))
         if traced is None:
             out = llm.prefill_graph(seq, rows, num_tokens, slot)
-            self._capture_prefill_trace(seq, rows, num_tokens, slot)
+            if self.profile.max_prefill_traces > 0:
+                self._capture_prefill_trace(seq, rows, num_tokens, slot)
             return out
+        self._prefill_traces.move_to_end((seq, rows, slot))
         tid, out = traced
         self.tt.execute_trace(self.mesh.device, tid, cq_id=0, blocking=False)
         return out
@@ -313,11 +318,18 @@ class TtnnBackend:
         collectives must be done before their semaphores are reset for the capture (the first
         action of a bucket and slot only). It reads only the fixed input tensors of write_prefill_inputs (ids per S, row
         indices per rows, patch_buf) and writes the slot's KV rows and its argmax buffer, so it
-        serves every prompt length L of the bucket. One trace per (S, rows, slot): at most
-        max_seq_len/32 buckets x (1 + drafted row counts) x max_batch; in practice the buckets
-        a robot's prompts fall in."""
+        serves every prompt length L of the bucket. One trace per (S, rows, slot): up to
+        max_seq_len/32 buckets x (1 + drafted row counts) x max_batch keys, of which the profile's
+        max_prefill_traces most recently used are kept (the others are released, and captured
+        again when they come back): their commands share trace_region_size with the decode and
+        vision traces."""
         tt, dev = self.tt, self.mesh.device
         self._sync()
+        while len(self._prefill_traces) >= self.profile.max_prefill_traces:  # the least recently used goes
+            key, (old, _) = self._prefill_traces.popitem(last=False)
+            tt.release_trace(dev, old)
+            log.info("prefill trace %s of %s released (max_prefill_traces %d)", old, key,
+                     self.profile.max_prefill_traces)
         self.llm.ccl.reset()  # the trace records the semaphores of its collectives (as the decode trace)
         tid = tt.begin_trace_capture(dev, cq_id=0)
         try:
@@ -383,7 +395,7 @@ class TtnnBackend:
                 self.tt.release_trace(self.mesh.device, tid)
             except Exception as e:
                 log.warning("releasing a decode / prefill trace failed: %s", e)
-        self._traces, self._prefill_traces = {}, {}
+        self._traces, self._prefill_traces = {}, OrderedDict()
         try:
             if getattr(self, "vision", None) is not None:
                 self.vision.release()

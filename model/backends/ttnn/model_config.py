@@ -47,6 +47,7 @@ class PrecisionProfile:
     device: dict = field(default_factory=dict)
     max_seq_len: int = 512
     max_batch: int = 1  # decode rows (robots served together): the KV cache holds this many sequences
+    max_prefill_traces: int = 8  # prefill traces kept (least recently used released): bounds the trace region
     trace_decode: bool = True
     decode_matmul: str = "interleaved"  # | dram_sharded (see linear.py)
     decode_graph: str = "fused"  # | legacy (see DECODE_GRAPHS)
@@ -125,6 +126,10 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_DECODE_BATCH:
         raise BackendError(f"{path}: max_batch must be an integer 1..{MAX_DECODE_BATCH} (decode rows share one tile "
                            f"row of 32; each row holds a KV cache of max_seq_len positions), got {max_batch!r}")
+    max_prefill_traces = data.get("max_prefill_traces", 8)
+    if isinstance(max_prefill_traces, bool) or not isinstance(max_prefill_traces, int) or max_prefill_traces < 0:
+        raise BackendError(f"{path}: max_prefill_traces must be an integer >= 0 (0: prefill untraced), "
+                           f"got {max_prefill_traces!r}")
     decode_matmul = str(data.get("decode_matmul", "interleaved"))
     if decode_matmul not in DECODE_MATMULS:
         raise BackendError(f"{path}: decode_matmul = {decode_matmul!r}; expected one of {', '.join(DECODE_MATMULS)}")
@@ -136,6 +141,7 @@ def load_profile(mesh_name: str, config_dir: str | Path | None = None, overrides
         raise BackendError(f"{path}: target_actions_per_s must be a number > 0, got {target!r}")
     return PrecisionProfile(mesh_name=mesh_name, mesh_shape=shape, dtypes=dtypes, fidelity=fidelity,
                             device=dict(data.get("device") or {}), max_seq_len=max_seq, max_batch=max_batch,
+                            max_prefill_traces=max_prefill_traces,
                             trace_decode=bool(data.get("trace_decode", True)), decode_matmul=decode_matmul,
                             decode_graph=decode_graph, target_actions_per_s=float(target), source=str(path))
 
