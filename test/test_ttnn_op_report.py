@@ -456,12 +456,20 @@ def _check_batch_model(summary, sizes):
         lo, hi = max(k for k in [1, *caps] if k < b), min(k for k in caps if k > b)
         return vp(lo) + (b - lo) / (hi - lo) * (vp(hi) - vp(lo))
 
+    def decode(c, b):
+        if b == c["size"]:
+            return c["stage_ms"]["decode"]
+        # items 0..b-1 of the largest capture: its step less the KV of the rows that now idle, at the
+        # cost model's interleaved DRAM bandwidth (180 GB/s; SDPA decode is memory-bound in the model)
+        seqs = [it["sequence_length"] for it in c["items"]]
+        return c["stage_ms"]["decode"] - (_kv_step_bytes(seqs, mb) - _kv_step_bytes(seqs[:b], mb)) / 180e6
+
     def group(b):
         if b == 1:
             return act["action_ms"]
         c = caps.get(b, caps[mb])
         return (vp(b) + sum(it["prefill_ms"] for it in c["items"][:b]) + c["start_ms"]
-                + 6 * c["stage_ms"]["decode"] + c["stage_ms"]["tokens"])
+                + 6 * decode(c, b) + c["stage_ms"]["tokens"])
 
     base = None
     for r in m["rows"]:
@@ -526,7 +534,7 @@ def test_batch_check_fails_on_an_injected_fault(n300_raw, fault):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["decode steps per item", "start positions left out", "a prefill per group",
-                                   "vision of batch 1 for every size"])
+                                   "vision of batch 1 for every size", "a smaller batch decodes max_batch items"])
 def test_batch_model_check_fails_on_an_injected_fault(n300_report, fault, monkeypatch):
     """batch_model with one fault injected into its parts (the captures it reads): the sum check must fail."""
     import copy
@@ -547,6 +555,10 @@ def test_batch_model_check_fails_on_an_injected_fault(n300_report, fault, monkey
                 r["batch_ms"] -= sum(x["start_ms"] for x in g)
             elif fault == "a prefill per group":
                 r["batch_ms"] -= sum(sum(x["prefill_ms"][1:]) for x in g)
+            elif fault == "a smaller batch decodes max_batch items":  # the largest capture's step, KV unscaled
+                big = max(s["batch"], key=lambda c: c["size"])
+                r["batch_ms"] += sum(6 * big["stage_ms"]["decode"] - x["decode_ms"] for x in g
+                                     if len(x["prefill_ms"]) not in {c["size"] for c in s["batch"]} | {1})
             else:
                 r["batch_ms"] -= sum(x["vision_ms"] - rep.action_model(s)["stage_ms"]["vision"] for x in g)
             r["per_robot_latency_ms"] = r["batch_ms"]
@@ -554,7 +566,67 @@ def test_batch_model_check_fails_on_an_injected_fault(n300_report, fault, monkey
         return m
     monkeypatch.setattr(rep, "batch_model", faulty)
     with pytest.raises(AssertionError):
-        _check_batch_model(summary, [1, 2, 4])
+        _check_batch_model(summary, [1, 2, 3, 4])  # 3: a decode step derived from the batch of 4
+
+
+# ---- SDPA decode's KV read per row at its own position (issue 14) --------------------------------------------------
+# Independent expectation: the cache is (max_batch, 32 KV heads / 2 chips, max_seq, 128) bf16 per layer and chip
+# (config/ttnn/N300.yaml); decode step k reads, per layer, K and V of rows 0..L+k of each row that holds an item
+# (L = its prompt tokens + 256 patches) and, for each idle row (position 0..5 of its own slot), one 32-row chunk.
+# The rows that hold items: 1 for the single action, B for a batch of B (what the test ran, not the report's record).
+
+
+def _kv_step_bytes(seq_lengths, mb):
+    import yaml
+
+    prof = yaml.safe_load((HERE.parent / "config" / "ttnn" / "N300.yaml").read_text())
+    assert prof["dtypes"]["kv_cache"] == "bfloat16"
+    row = 32 // 2 * 128 * 2  # one cache row of one slot, per chip: 16 KV heads x 128 x bf16
+    rows = sum(sum(L + k + 1 for L in seq_lengths) + (mb - len(seq_lengths)) * 32 for k in range(6)) / 6
+    return 32 * 2 * row * rows  # 32 layers, K and V
+
+
+def _check_kv(summary, raw):
+    """The decode step's KV bytes (single action, each batch) against _kv_step_bytes; AssertionError on mismatch."""
+    mb = _max_batch("N300")
+    L = 22 + 256  # the report's prompt (22 tokens) + 16 x 16 patches
+    assert summary["info"]["sequence_length"] == L
+    got = summary["stages"]["decode"].kv_bytes
+    assert got == pytest.approx(_kv_step_bytes([L], mb), rel=1e-9), (got, _kv_step_bytes([L], mb))
+    for c, rc in zip(summary["batch"], raw["batch"]):
+        want = _kv_step_bytes([n + 256 for n in rc["prompt_tokens"]], mb)
+        assert c["decode_kv_bytes"] == pytest.approx(want, rel=1e-9), (c["size"], c["decode_kv_bytes"], want)
+
+
+@pytest.mark.slow
+def test_decode_kv_read_per_row_at_its_own_position(n300_report, n300_raw):
+    """SDPA decode's KV bytes per step: the rows holding items at their positions, each idle row one chunk."""
+    _check_kv(n300_report, n300_raw)
+    # what the backend wrote (llm.set_decode_start): one start for the single action, one per item of a batch
+    assert n300_raw["info"]["decode_starts"] == [22 + 256]
+    assert [c["decode_starts"] for c in n300_raw["batch"]] == [c["sequence_lengths"] for c in n300_raw["batch"]]
+    kv = n300_report["stages"]["decode"].kv_bytes
+    print(f"\nN300 KV read per decode step, per chip: {kv / 1e6:.1f} MB (every row at the prompt's positions: "
+          f"{_kv_step_bytes([22 + 256] * _max_batch('N300'), _max_batch('N300')) / 1e6:.1f} MB)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["idle rows charged the prompt's KV", "a batch's idle rows charged its first item's"])
+def test_decode_kv_check_fails_on_an_injected_fault(n300_raw, fault):
+    """The same check with the recorded rows faulted (every row holding an item at the prompt): it must fail."""
+    import copy
+
+    from openvla_model.backends.ttnn.op_report import summarise
+
+    raw = copy.deepcopy(n300_raw)
+    mb = _max_batch("N300")
+    if fault == "idle rows charged the prompt's KV":
+        raw["info"]["decode_starts"] = raw["info"]["decode_starts"] * mb
+    else:
+        cap = raw["batch"][0]
+        cap["decode_starts"] = cap["decode_starts"] + [cap["decode_starts"][0]] * (mb - cap["size"])
+    with pytest.raises(AssertionError):
+        _check_kv(summarise(raw), raw)
 
 
 def test_op_report_batch_option_refuses_bad_sizes_in_one_line(capsys):

@@ -30,8 +30,8 @@ of rejected drafts (L+k.. L+m-1) are overwritten by those steps before any step 
 Batch (several robots, backend.generate_batch; docs/ttnn.md "Several robots"): the KV cache has
 profile.max_batch slots and every decode step runs that many rows, row b = slot b (token_bufs are
 (1, 1, batch), positions (batch,)); each item's prefill fills its own slot and writes its token 1
-into slot_start[slot], which decode step 0 gathers into token_bufs[0]. Idle rows decode at
-position 0 of their own slot. With max_batch 1 the graph is the single-robot one exactly.
+into slot_start[slot], which decode step 0 gathers into token_bufs[0]. Idle rows start at
+position 0 of their own slot (rows 0..5 of it written and read, nothing of another slot's). With max_batch 1 the graph is the single-robot one exactly.
 """
 from __future__ import annotations
 
@@ -331,7 +331,7 @@ class LLM:
         """Decode step k (0-based): embeds token_bufs[k] (row b: slot b's token) at the positions
         in step_pos, writes the argmax of every row into token_bufs[k + 1], then advances step_pos
         and step_pos_rows by one on the device. Step 0 first gathers the slots' start tokens
-        into token_bufs[0] (two device ops; none with one slot)."""
+        into token_bufs[0] (concat + copy: three device ops; none with one slot)."""
         tt, bufs = self.tt, self._token_buffers(k + 2)
         if k == 0 and self.batch > 1:
             tt.copy(tt.concat(self.slot_start, dim=2), bufs[0])

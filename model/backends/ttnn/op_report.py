@@ -20,8 +20,11 @@ What it does
    prefill, decode step k, tokens: the final gather and read) and, in the LM, to a decoder layer.
 4. Counts per stage: device ops, ops per decoder layer, collective launches (reduce-scatter /
    all-gather / all-reduce device ops), weight and KV-cache bytes read per chip (input tensors
-   of each device op whose DRAM buffer is a weight or a KV cache; SDPA-decode reads KV rows
-   0..p only), host<->device transfers (Tensor::to_device from a host tensor,
+   of each device op whose DRAM buffer is a weight or a KV cache; SDPA decode reads each row at
+   its own position: a row holding an item rows 0..p of its slot, an idle row of the max_batch
+   (position 0..5 of its own slot) one 32-row chunk; the rows holding items and their starts are
+   the positions the backend writes, recorded from llm.set_decode_start: kv_read_fraction),
+   host<->device transfers (Tensor::to_device from a host tensor,
    copy_host_to_device_tensor, Tensor::cpu; uploads made INSIDE a device op, e.g. reshape's
    index table, are listed apart) and the `synchronize_device` calls between stages; and the
    host transfers of the whole action (all stages, all decode steps).
@@ -75,6 +78,11 @@ MOCK_DIR = REPO_ROOT / "test" / "ttnn_mock"
 MESHES = {"N300": 2, "T3K": 8}
 FULL_LLM_LAYERS = 32
 DECODE_STEPS = 6  # tokens 2..7 of an action
+# SDPA decode reads K/V in whole chunks; without a program config (attention.py passes none) the
+# kernel sizes the chunk per position (ttnn 0.81.1 sdpa_decode kernels, get_dynamic_Sk_chunk_t: the
+# position's tiles rounded up to a power of 2, at most 8): at positions 0..5 one 32-row tile, so an
+# idle row reads its slot's chunk 0 of 32 rows (kv_read_fraction)
+SDPA_DECODE_CHUNK_ROWS = 32
 # "tokens": the action's tokens gathered on the device (1 op) and read back once, after the decode
 STAGES = ("vision", "projector", "prefill", "decode", "tokens")
 # Speculative action decoding: a second, drafted action is captured; its stage "draft_prefill" is
@@ -446,6 +454,17 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
         for name in ("embed_sequence", "set_decode_start", "prefill", "prefill_token", "draft_predictions",
                      "set_start_token"):
             setattr(llm, name, _scoped(ttnn, prefill_label, getattr(llm, name)))
+        # the decode start positions the backend writes, per phase: the rows given hold an item
+        # (their start = the slot's sequence length L + accepted drafts); the other rows of the
+        # max_batch idle at position 0 of their own slot (llm.set_decode_start) -- the SDPA decode
+        # KV term reads each row at its own position (kv_read_fraction)
+        starts_of = {}
+        scoped_start = llm.set_decode_start
+
+        def set_decode_start(pos, _orig=scoped_start):
+            starts_of[phase["p"]] = [int(v) for v in np.atleast_1d(np.asarray(pos, np.int64))]
+            return _orig(pos)
+        llm.set_decode_start = set_decode_start
         orig_item_prefill = backend._prefill
 
         def item_prefill(*a, slot=0, **k):
@@ -519,6 +538,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                 items = [np.array([1] + [100 + i for i in range(n - 2)] + [29871], np.int64) for n in prompts]
                 state["batch_steps"] = 0
                 fills.clear()
+                starts_of.pop(BATCH_PHASE, None)
                 for counter in block_counters:  # the batch's vision blocks numbered from 0 (_vision_block_costs)
                     counter["n"] = 0
                 ttnn.graph.begin_graph_capture(ttnn.graph.RunMode.NORMAL)
@@ -535,6 +555,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                                 "decode_steps_run": state["batch_steps"],
                                 "generate_s": round(batch_s, 1), "graph_nodes": len(bgraph),
                                 "fill_cache_slots": [list(f) for f in fills],
+                                "decode_starts": starts_of.get(BATCH_PHASE),
                                 "ops": [o.__dict__ for o in b_ops], "transfers": b_transfers})
         finally:
             ttnn.fill_cache = orig_fill
@@ -547,6 +568,7 @@ def capture(mesh_name: str, llm_layers: int = FULL_LLM_LAYERS, vision_depth: int
                         "decode_matmul": backend.profile.decode_matmul, "source": backend.profile.source},
             "load_s": round(load_s, 1), "generate_s": round(gen_s, 1), "graph_nodes": len(graph),
             "syncs": dict(syncs), "decode_steps_run": state["step"], "drafted": drafted,
+            "max_batch": llm.batch, "decode_starts": starts_of.get(""),
         }
     finally:
         backend.close()
@@ -751,6 +773,22 @@ def _op_time_us(op: dict, weights: dict, kv: dict, fidelity: dict, stage: str, k
     return max(mem_us, comp_us), kind, wbytes, kvbytes, cbytes
 
 
+def kv_read_fraction(starts, max_batch: int, max_seq: int, steps: int = DECODE_STEPS) -> float:
+    """Mean fraction of the KV cache (max_batch slots x max_seq rows) that SDPA decode reads per
+    decode step, each row at its own position. `starts`: the decode start positions the backend
+    wrote (llm.set_decode_start), one per row that holds an item; decode step k of such a row is at
+    position start + k and reads its slot's rows 0..start + k (the rule of the single action since
+    the first report: exact rows, no chunk rounding). The other rows idle at positions 0..steps - 1
+    of their own slot: the kernel reads whole K/V chunks of SDPA_DECODE_CHUNK_ROWS rows, so an idle
+    row reads its slot's chunk 0 and nothing more."""
+    starts = [int(s) for s in starts]
+    if not 0 < len(starts) <= max_batch:
+        raise ValueError(f"decode starts {starts} for {max_batch} rows")
+    idle = (max_batch - len(starts)) * SDPA_DECODE_CHUNK_ROWS
+    rows = sum(sum(s + k + 1 for s in starts) + idle for k in range(steps)) / steps
+    return rows / (max_batch * max_seq)
+
+
 def summarise(raw: dict) -> dict:
     """Per-stage counts and modelled times from capture()'s records, extrapolated to the full
     depth when the capture ran a reduced one."""
@@ -758,9 +796,11 @@ def summarise(raw: dict) -> dict:
     n_dev, fidelity = info["num_devices"], info["profile"]["fidelity"]
     steps = sorted({o["step"] for o in raw["ops"] if o["stage"] == "decode"})
     first_step = steps[0] if steps else None
-    L = info["sequence_length"]
-    # mean KV rows read over the 6 decode steps (positions L..L+5), as a fraction of the cache
-    kv_fraction = sum(p + 1 for p in range(L, L + DECODE_STEPS)) / DECODE_STEPS / info["max_seq"]
+    # mean KV rows read over the 6 decode steps, each row at its own position (the rows holding an
+    # item at their starts' L..L+5, the idle rows one chunk), as a fraction of the whole cache;
+    # records without the starts (made before max_batch rows): one row at the prompt's positions
+    kv_fraction = kv_read_fraction(info.get("decode_starts") or [info["sequence_length"]],
+                                   info.get("max_batch", 1), info["max_seq"])
 
     stages = {s: StageCounts() for s in STAGES + ("draft_prefill",) + OFT_STAGES}
     lm = ("prefill", "decode", "draft_prefill", "oft_prefill")
@@ -911,6 +951,7 @@ def _pick(raw: dict, capture: dict, keep) -> dict:
             transfers.append((kind, r[0], r[1], nbytes, internal))
     info = {k: v for k, v in raw["info"].items() if k != "oft"}
     info["syncs"] = {}
+    info["decode_starts"] = capture.get("decode_starts")  # this batch's rows (its decode's KV term)
     return {"info": info, "weights": raw["weights"], "kv": raw["kv"], "ops": ops, "transfers": transfers}
 
 
@@ -918,8 +959,8 @@ def _summarise_batch(raw: dict, capture: dict) -> dict:
     """One captured generate_batch of B items: its batched stages (vision, projector, decode step,
     tokens), each item's prefill and the decode start, each summarised by summarise() on its own
     records (so extrapolated to the full depth exactly as the single action). The decode step's
-    KV term uses the single action's positions for every row (the whole cache of max_batch slots
-    at rows 0..p: exact for a full batch of such prompts; ~1 % of a step)."""
+    KV term reads each row at its own position (kv_read_fraction): the B items' rows at the
+    starts this batch wrote, the max_batch - B idle rows one chunk each."""
     size = capture["size"]
     shared = {BATCH_PHASE + s: s for s in BATCH_STAGES}
     base = summarise(_pick(raw, capture, lambda st, step: (shared[st], step) if st in shared else None))
@@ -958,6 +999,7 @@ def _summarise_batch(raw: dict, capture: dict) -> dict:
             "stage_ms": {s: st[s].modelled_us / 1e3 for s in BATCH_STAGES},
             "stage_ops": {s: st[s].device_ops for s in BATCH_STAGES},
             "vision_weight_bytes": st["vision"].weight_bytes, "decode_step_ops": step_ops,
+            "decode_kv_bytes": st["decode"].kv_bytes, "decode_starts": capture.get("decode_starts"),
             "decode_ops_per_layer": base["decode_ops_per_layer"],
             "items": items, "fill_cache_slots": capture.get("fill_cache_slots", []),
             "start_ms": start.modelled_us / 1e3, "start_ops": start.device_ops,
@@ -993,8 +1035,12 @@ def batch_model(summary: dict, sizes=None) -> dict:
     - item i's prefill: captured (item i of the largest capture: prompts of mixed lengths, item i
       of a batch of B < max_batch has the same prompt); items beyond max_batch repeat items
       0..max_batch-1 (groups of the same prompts).
-    - the decode step, start and tokens: the largest capture's (the decode step runs max_batch
-      rows whatever b: checked equal to the single action's op by op in the tests)."""
+    - the decode step, start and tokens: the capture's of that b, else the largest capture's (the
+      decode step runs max_batch rows whatever b: checked equal to the single action's op by op in
+      the tests); its KV term reads each row at its own position (kv_read_fraction), so a b that
+      was not captured takes the largest capture's step with its KV read rescaled to items
+      0..b-1 + max_batch - b idle rows (SDPA decode is memory-bound in the model: its time is its
+      bytes over the interleaved DRAM bandwidth)."""
     caps = {c["size"]: c for c in summary.get("batch") or []}
     single = action_model(summary)
     ms1 = single["stage_ms"]
@@ -1014,6 +1060,16 @@ def batch_model(summary: dict, sizes=None) -> dict:
         f = (b - lo) / (hi - lo)
         return tuple(vis[lo][j] + f * (vis[hi][j] - vis[lo][j]) for j in range(2)), f"interpolated {lo}..{hi}"
 
+    def decode_step(cap, b):
+        ms = cap["stage_ms"]["decode"]
+        if b == cap["size"]:
+            return ms
+        max_seq = summary["info"]["max_seq"]
+        kv = cap["decode_kv_bytes"]
+        kv_b = kv * (kv_read_fraction(cap["decode_starts"][:b], max_batch, max_seq)
+                     / kv_read_fraction(cap["decode_starts"], max_batch, max_seq))
+        return ms - (kv - kv_b) / (WORMHOLE["dram_interleaved_gbs"] * 1e6)
+
     def group(b):
         (v, p), how = vision(b)
         if b == 1:
@@ -1022,10 +1078,10 @@ def batch_model(summary: dict, sizes=None) -> dict:
                     "source": "single action (captured)"}
         cap = caps.get(b, big)
         return {"vision_ms": v, "projector_ms": p, "prefill_ms": [it["prefill_ms"] for it in cap["items"][:b]],
-                "start_ms": cap["start_ms"], "decode_ms": DECODE_STEPS * cap["stage_ms"]["decode"],
+                "start_ms": cap["start_ms"], "decode_ms": DECODE_STEPS * decode_step(cap, b),
                 "tokens_ms": cap["stage_ms"]["tokens"], "vision_source": how,
                 "source": f"batch of {cap['size']} (captured)" if cap["size"] == b else
-                f"batch of {cap['size']} (captured), items 0..{b - 1}"}
+                f"batch of {cap['size']} (captured), items 0..{b - 1}, KV of {b} rows"}
 
     def total(g):
         return (g["vision_ms"] + g["projector_ms"] + sum(g["prefill_ms"]) + g["start_ms"] + g["decode_ms"]
