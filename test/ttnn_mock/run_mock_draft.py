@@ -51,9 +51,9 @@ def main(argv=None) -> int:
         rows = []
         prefill_layers = backend.llm.prefill_layers
 
-        def record_rows(x, count=None):
+        def record_rows(x, count=None, **kw):
             rows.append(int(x.shape[2]))
-            return prefill_layers(x, count)
+            return prefill_layers(x, count, **kw)
         backend.llm.prefill_layers = record_rows
         pixels = torch.randn(1, 6, 224, 224, generator=torch.Generator().manual_seed(0))
         calls = []
