@@ -448,9 +448,9 @@ def speed_summary(paths_report: dict, main_name: str) -> tuple[dict, dict]:
 def run(args, frames: FrameSource | None = None) -> dict:
     import torch
 
-    from .action_codec import ActionCodec
     from .backends.torch_backend import resolve_device
     from .config import load_config
+    from .policy import action_codec
     from .prompt import PromptTokenizer
     from .synthetic import synthetic_rgb
 
@@ -462,7 +462,7 @@ def run(args, frames: FrameSource | None = None) -> dict:
     config = load_config(wdir)
     dtype, tiny_cpu = choose_dtype(config, device)
     tokenizer = PromptTokenizer(wdir)
-    codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    codec = action_codec(config)
     n = config.action_dim
     frames = frames or FrameSource()
     convert = frames.convert
@@ -550,13 +550,10 @@ def run_batch(args, frames: FrameSource | None = None) -> dict:
     """Per batch size B: B streams' frames (distinct images, prompts of two lengths) converted and
     run as one policy.predict_batch, as the node's batcher does. Latency per action = the whole
     call (every stream waits for the batch); aggregate actions/s = B / median latency."""
-    from .action_codec import ActionCodec
     from .backends import create_backend
     from .backends.torch_backend import resolve_device
     from .config import load_config
-    from .policy import BatchItem, OpenVLAPolicy
-    from .preprocess import Preprocessor
-    from .prompt import PromptTokenizer
+    from .policy import BatchItem, assemble_policy
     from .synthetic import synthetic_rgb
 
     device = resolve_device(args.device)
@@ -571,11 +568,7 @@ def run_batch(args, frames: FrameSource | None = None) -> dict:
     be = create_backend(args.backend, config, checkpoint, device=str(device), dtype=dtype,
                         mesh_device=getattr(args, "mesh_device", None) or os.environ.get("MESH_DEVICE"))
     load_s = time.perf_counter() - t
-    policy = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
-                           ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
-                                       n_bins=config.n_action_bins),
-                           Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
-                           default_unnorm_key=UNNORM_KEY)
+    policy = assemble_policy(config, be, default_unnorm_key=UNNORM_KEY)
     msgs = [frames.make(synthetic_rgb(j, FRAME_HEIGHT, FRAME_WIDTH)) for j in range(max(sizes))]
     instructions = [INSTRUCTIONS[j % len(INSTRUCTIONS)] for j in range(max(sizes))]
 
@@ -713,14 +706,11 @@ def run_oft(args, frames: FrameSource | None = None) -> dict:
     frames: per chunk, per action (chunk / T), and the ratio to plain OpenVLA per action."""
     if getattr(args, "backend", "torch") == "ttnn":
         return run_oft_ttnn(args, frames)
-    from .action_codec import ActionCodec
     from .backends import create_backend
     from .backends.torch_backend import resolve_device
     from .checkpoint import Checkpoint
     from .config import load_config
-    from .policy import OpenVLAPolicy
-    from .preprocess import Preprocessor
-    from .prompt import PromptTokenizer
+    from .policy import assemble_policy
     from .synthetic import synthetic_rgb
 
     device = resolve_device(args.device)
@@ -749,11 +739,7 @@ def run_oft(args, frames: FrameSource | None = None) -> dict:
     t = time.perf_counter()
     be = create_backend("torch", config, checkpoint, device=str(device), dtype=dt)
     plain_key = UNNORM_KEY if UNNORM_KEY in config.norm_stats else sorted(config.norm_stats)[0]
-    plain = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
-                          ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
-                                      n_bins=config.n_action_bins),
-                          Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
-                          default_unnorm_key=plain_key)
+    plain = assemble_policy(config, be, default_unnorm_key=plain_key)
     plain_load_s = time.perf_counter() - t
     frames = frames or FrameSource()
     spec = oft.spec
@@ -835,13 +821,10 @@ def run_oft_ttnn(args, frames: FrameSource | None = None) -> dict:
     (no full-size torch model is built anywhere)."""
     import torch
 
-    from .action_codec import ActionCodec
     from .backends import create_backend
     from .config import load_config
     from .errors import BackendError
-    from .policy import OpenVLAPolicy
-    from .preprocess import Preprocessor
-    from .prompt import PromptTokenizer
+    from .policy import assemble_policy
     from .synthetic import synthetic_rgb
 
     mesh = getattr(args, "mesh_device", None) or os.environ.get("MESH_DEVICE")
@@ -889,11 +872,7 @@ def run_oft_ttnn(args, frames: FrameSource | None = None) -> dict:
     be = create_backend("ttnn", config, checkpoint, mesh_device=mesh)
     try:
         plain_key = UNNORM_KEY if UNNORM_KEY in config.norm_stats else sorted(config.norm_stats)[0]
-        plain = OpenVLAPolicy(config, be, PromptTokenizer(wdir),
-                              ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size,
-                                          n_bins=config.n_action_bins),
-                              Preprocessor(config, device=getattr(be, "preprocess_device", "cpu")),
-                              default_unnorm_key=plain_key)
+        plain = assemble_policy(config, be, default_unnorm_key=plain_key)
         plain_load_s = time.perf_counter() - t
 
         def plain_once(_msg) -> dict:

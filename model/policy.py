@@ -259,14 +259,29 @@ def load_policy(weights_path: str | os.PathLike | None = None, backend: str = "t
     if config.raw.get("openvla_ros_tiny_random"):
         log.warning("%s is a TINY RANDOM test checkpoint: its actions are meaningless", path)
     tokenizer = PromptTokenizer(config.weights_dir)
-    codec = ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+    codec = action_codec(config)
     if default_unnorm_key:
         codec.resolve_key(default_unnorm_key)  # the one check per load: before the weights, not on the first frame
     checkpoint = Checkpoint(config.weights_dir)
     be = create_backend(backend, config, checkpoint, device=device, dtype=dtype,
                         mesh_device=mesh_device or os.environ.get("MESH_DEVICE"), fast=fast, precision=precision,
                         **backend_options)
-    pre_device = getattr(be, "preprocess_device", "cpu")
-    pre = Preprocessor(config, center_crop=center_crop, device=pre_device)
-    return OpenVLAPolicy(config, be, tokenizer, codec, pre, default_unnorm_key=default_unnorm_key,
-                         load_time_s=time.perf_counter() - start, speculative=speculative)
+    return assemble_policy(config, be, tokenizer=tokenizer, codec=codec, center_crop=center_crop,
+                           default_unnorm_key=default_unnorm_key, speculative=speculative,
+                           load_time_s=time.perf_counter() - start)
+
+
+def action_codec(config) -> ActionCodec:
+    """The checkpoint's action codec (its norm stats, action vocabulary and bins)."""
+    return ActionCodec(config.norm_stats, vocab_size=config.action_vocab_size, n_bins=config.n_action_bins)
+
+
+def assemble_policy(config, backend, *, tokenizer: PromptTokenizer | None = None, codec: ActionCodec | None = None,
+                    center_crop: bool = False, default_unnorm_key: str | None = None, speculative: bool = False,
+                    load_time_s: float = 0.0) -> OpenVLAPolicy:
+    """The policy around a created backend: the prompt tokenizer of the weights directory, the
+    action codec, preprocessing on the backend's preprocess device (load_policy, the benchmarks)."""
+    pre = Preprocessor(config, center_crop=center_crop, device=getattr(backend, "preprocess_device", "cpu"))
+    return OpenVLAPolicy(config, backend, tokenizer or PromptTokenizer(config.weights_dir),
+                         codec or action_codec(config), pre, default_unnorm_key=default_unnorm_key,
+                         load_time_s=load_time_s, speculative=speculative)

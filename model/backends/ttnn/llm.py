@@ -389,11 +389,6 @@ class LLM:
         tt.copy_host_to_device_tensor(self._host_ids(ids, rep), self.step_token)
         self.set_decode_start(pos)
 
-    def read_token(self, token_tensor) -> int:
-        """The chosen id, from chip 0 (every chip holds the same after the all-gather)."""
-        tt = self.tt
-        return int(tt.to_torch(tt.get_device_tensors(token_tensor)[0]).reshape(-1)[0])
-
     def logits_to_torch(self, logits) -> torch.Tensor:
         """This chip's vocab slices gathered on the host -> (vocab,) float (tests / PCC only)."""
         tt = self.tt
